@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up on a fresh Debian machine with Python 3.11:
+#   - the Debian libraries Mooncake's transfer engine links against (even for TCP),
+#   - a virtual environment in .venv with torch/torchvision pinned (CPU use; see README),
+#   - this project with its test extras and Mooncake's CPU build.
+# Re-running it is cheap: every step checks whether it is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+need_apt=()
+for lib in libibverbs.so.1 libnl-3.so.200 libnl-route-3.so.200; do
+  ldconfig -p | grep -q "$lib" || need_apt+=("$lib")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "[setup] installing Debian libraries for Mooncake (${need_apt[*]} missing)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libibverbs1 libnl-3-200 libnl-route-3-200 >/dev/null
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+if ! "$VENV/bin/python" -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null; then
+  echo "[setup] installing torch 2.14.1 + torchvision 0.29.1 (about 2 minutes)"
+  $PIP install -q --upgrade pip
+  $PIP install -q torch==2.14.1 torchvision==0.29.1
+fi
+echo "[setup] installing the project and its test tools"
+$PIP install -q -e ".[test]"
+echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, mooncake; print("torch", torch.__version__, "transformers", transformers.__version__)')"

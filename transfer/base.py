@@ -1,0 +1,187 @@
+"""The transport contract: who writes what where, and how completion is observed.
+
+The language side owns a ``TransferReceiver``: it provides the memory that
+``MultimodalDataBuffers`` lives in, registered once for remote writes, and the ``session``
+string that peers use to reach it. The receiver never copies: peers write into its blocks.
+
+The encode side owns a ``TransferSender``: ``submit`` starts writing one request's rows into
+the blocks a grant names and returns at once; ``poll`` reports progress without blocking;
+``release`` frees whatever the sender holds for that request. A request ends in exactly one
+terminal state (DONE or FAILED) and must then be released (also after FAILED, and after an
+abort while TRANSFERRING).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class TransferState(enum.Enum):
+    WAITING = "waiting"  # not submitted (or unknown rid)
+    TRANSFERRING = "transferring"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferState.DONE, TransferState.FAILED)
+
+
+class TransferError(RuntimeError):
+    """A transport could not be set up or refused a request outright."""
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where one request's rows go: the receiver's session and per-block remote addresses.
+
+    Row ``r`` of the request lands in block ``r // block_tokens`` at row ``r % block_tokens``.
+    """
+
+    session: str
+    block_tokens: int
+    embed_addrs: tuple[int, ...]
+    deepstack_addrs: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.block_tokens < 1:
+            raise ValueError("block_tokens must be >= 1")
+        if len(self.embed_addrs) != len(self.deepstack_addrs):
+            raise ValueError("one embed and one deepstack address per block")
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A run of request rows that lands in consecutive memory on the receiver."""
+
+    row: int  # first request row
+    rows: int
+    embed_addr: int
+    deepstack_addr: int
+
+
+def coalesce(
+    n_rows: int, block_tokens: int, starts: Sequence[tuple[int, ...]], strides: tuple[int, ...]
+) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Group a request's blocks into runs that are adjacent in every coordinate.
+
+    Block ``i`` holds request rows ``i*block_tokens ...`` and starts at ``starts[i]`` (one
+    coordinate per region, e.g. byte addresses); a row advances coordinate ``k`` by
+    ``strides[k]``. Returns ``(first_row, rows, start)`` per run.
+    """
+    bt = block_tokens
+    need = -(-n_rows // bt)
+    if n_rows < 0 or need > len(starts):
+        raise TransferError(f"{n_rows} rows need {need} blocks, only {len(starts)} given")
+    runs: list[tuple[int, int, tuple[int, ...]]] = []
+    for i in range(need):
+        rows = min(bt, n_rows - i * bt)
+        if runs:
+            row, n, first = runs[-1]
+            if all(s == f + n * k for s, f, k in zip(starts[i], first, strides, strict=True)):
+                runs[-1] = (row, n + rows, first)
+                continue
+        runs.append((i * bt, rows, tuple(starts[i])))
+    return runs
+
+
+def plan_segments(dest: Destination, n_rows: int, embed_row: int, ds_row: int) -> list[Segment]:
+    """Cut ``n_rows`` rows into segments, coalescing blocks that are adjacent on the receiver.
+
+    ``embed_row`` / ``ds_row`` are the byte sizes of one row in each region.
+    """
+    starts = list(zip(dest.embed_addrs, dest.deepstack_addrs, strict=True))
+    return [
+        Segment(row, rows, ea, da)
+        for row, rows, (ea, da) in coalesce(n_rows, dest.block_tokens, starts, (embed_row, ds_row))
+    ]
+
+
+class TransferReceiver(ABC):
+    """Language side of a transport. Created once per language process."""
+
+    name: str
+
+    @abstractmethod
+    def allocate(self, nbytes: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Return a uint8 tensor of ``nbytes`` that peers can write into, registered for them.
+
+        Called once by ``MultimodalDataBuffers``; the receiver owns the memory until ``close``.
+        """
+
+    @abstractmethod
+    def address_of(self, tensor: torch.Tensor) -> int:
+        """The remote address a sender must target to write at ``tensor``'s first byte."""
+
+    @property
+    @abstractmethod
+    def session(self) -> str:
+        """What a sender needs to reach this receiver (goes into ``AllocGrant.session``)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Unregister and free the memory. Idempotent."""
+
+
+class TransferSender(ABC):
+    """Encode side of a transport. One per encode process; used from its sender loop only."""
+
+    name: str
+
+    @abstractmethod
+    def submit(
+        self, rid: str, dest: Destination, embeds: torch.Tensor, deepstack: torch.Tensor
+    ) -> None:
+        """Start writing ``embeds [n, H]`` and ``deepstack [n, 3H]`` to ``dest``. Non-blocking.
+
+        The caller keeps both tensors alive and unmodified until the request is released.
+        Raises ``TransferError`` when it cannot even start (the request is then not tracked).
+        """
+
+    @abstractmethod
+    def poll(self, rid: str) -> TransferState:
+        """Non-blocking progress check; WAITING for an unknown rid. May be called repeatedly."""
+
+    @abstractmethod
+    def release(self, rid: str) -> None:
+        """Forget ``rid`` and free what the sender holds for it. Idempotent.
+
+        Releasing a request that is still TRANSFERRING waits for the transport to stop touching
+        the source tensors (bounded by the transport's own timeout).
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything. Idempotent."""
+
+    def wait(self, rid: str, timeout_s: float = 60.0) -> TransferState:
+        """Poll until ``rid`` is terminal or ``timeout_s`` passes (then FAILED)."""
+
+        deadline = time.monotonic() + timeout_s
+        delay = 1e-5
+        while True:
+            state = self.poll(rid)
+            if state.terminal or state is TransferState.WAITING:
+                return state
+            if time.monotonic() > deadline:
+                return TransferState.FAILED
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
+
+
+def check_rows(embeds: torch.Tensor, deepstack: torch.Tensor) -> None:
+    """Validate a request's source tensors: 2-D, contiguous, same rows, same dtype, 3x width."""
+    if embeds.dim() != 2 or deepstack.dim() != 2:
+        raise TransferError("embeds and deepstack must be 2-D")
+    if embeds.shape[0] != deepstack.shape[0] or deepstack.shape[1] != 3 * embeds.shape[1]:
+        raise TransferError(f"shapes {tuple(embeds.shape)} / {tuple(deepstack.shape)} mismatch")
+    if embeds.dtype != deepstack.dtype:
+        raise TransferError("embeds and deepstack dtypes differ")
+    if not (embeds.is_contiguous() and deepstack.is_contiguous()):
+        raise TransferError("source tensors must be contiguous")

@@ -1,0 +1,170 @@
+"""Mooncake transfer engine backend: RDMA between GPU nodes, TCP elsewhere.
+
+This is the only module that imports ``mooncake``, lazily, so CPU-only installs and the ``shm``
+backend never load RDMA code. Engines run in P2PHANDSHAKE mode (no metadata server); a peer's
+session id is ``host:rpc_port`` and changes when the peer restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from transfer.base import (
+    Destination,
+    TransferError,
+    TransferReceiver,
+    TransferSender,
+    TransferState,
+    check_rows,
+    plan_segments,
+)
+
+log = logging.getLogger(__name__)
+
+_INSTALL_HINT = (
+    "install `mooncake-transfer-engine-non-cuda` (CPU nodes) or `mooncake-transfer-engine` "
+    "(CUDA nodes), never both; on Debian also `apt-get install libibverbs1 libnl-3-200 "
+    "libnl-route-3-200`"
+)
+
+
+def _new_engine(hostname: str, protocol: str, device_name: str) -> Any:
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    try:
+        from mooncake.engine import TransferEngine
+    except ImportError as exc:
+        raise TransferError(f"cannot import Mooncake ({exc}); {_INSTALL_HINT}") from exc
+    engine = TransferEngine()
+    rc = engine.initialize(hostname, "P2PHANDSHAKE", protocol, device_name)
+    if rc != 0:
+        raise TransferError(f"Mooncake initialize({hostname!r}, {protocol!r}) returned {rc}")
+    return engine
+
+
+class Receiver(TransferReceiver):
+    """Registers the receive pool with a Mooncake engine; peers write into it one-sidedly."""
+
+    name = "mooncake"
+
+    def __init__(self, hostname: str = "127.0.0.1", protocol: str = "tcp", device_name: str = ""):
+        self.hostname = hostname
+        self._engine = _new_engine(hostname, protocol, device_name)
+        self._regions: list[torch.Tensor] = []
+
+    def allocate(self, nbytes: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        region = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        rc = self._engine.register_memory(region.data_ptr(), nbytes)
+        if rc != 0:
+            raise TransferError(f"Mooncake register_memory of {nbytes} bytes returned {rc}")
+        self._regions.append(region)
+        return region
+
+    def address_of(self, tensor: torch.Tensor) -> int:
+        return int(tensor.data_ptr())
+
+    @property
+    def session(self) -> str:
+        return f"{self.hostname}:{self._engine.get_rpc_port()}"
+
+    def close(self) -> None:
+        for region in self._regions:
+            self._engine.unregister_memory(region.data_ptr())
+        self._regions.clear()
+
+
+@dataclass(slots=True)
+class _Inflight:
+    batch_id: int
+    sources: tuple[torch.Tensor, ...]
+    registered: list[int] = field(default_factory=list)
+    state: TransferState = TransferState.TRANSFERRING
+
+
+class Sender(TransferSender):
+    """Writes a whole request with one batch call; consecutive blocks become one segment."""
+
+    name = "mooncake"
+
+    def __init__(
+        self,
+        hostname: str = "127.0.0.1",
+        protocol: str = "tcp",
+        device_name: str = "",
+        register_sources: bool = True,
+    ):
+        self._engine = _new_engine(hostname, protocol, device_name)
+        self._register = register_sources
+        self._inflight: dict[str, _Inflight] = {}
+
+    def submit(
+        self, rid: str, dest: Destination, embeds: torch.Tensor, deepstack: torch.Tensor
+    ) -> None:
+        check_rows(embeds, deepstack)
+        if rid in self._inflight:
+            raise TransferError(f"request {rid} already submitted")
+        e_row = embeds.shape[1] * embeds.element_size()
+        d_row = deepstack.shape[1] * deepstack.element_size()
+        segs = plan_segments(dest, embeds.shape[0], e_row, d_row)
+        if not segs:
+            self._inflight[rid] = _Inflight(0, (), state=TransferState.DONE)
+            return
+        e0, d0 = embeds.data_ptr(), deepstack.data_ptr()
+        src = [e0 + s.row * e_row for s in segs] + [d0 + s.row * d_row for s in segs]
+        dst = [s.embed_addr for s in segs] + [s.deepstack_addr for s in segs]
+        sizes = [s.rows * e_row for s in segs] + [s.rows * d_row for s in segs]
+        entry = _Inflight(0, (embeds, deepstack))
+        try:
+            self._register_sources(entry)
+            entry.batch_id = self._engine.batch_transfer_async_write(dest.session, src, dst, sizes)
+        except BaseException:
+            self._unregister(entry)
+            raise
+        if not entry.batch_id or entry.batch_id < 0:
+            self._unregister(entry)
+            raise TransferError(f"Mooncake refused the batch write to {dest.session}")
+        self._inflight[rid] = entry
+
+    def poll(self, rid: str) -> TransferState:
+        entry = self._inflight.get(rid)
+        if entry is None:
+            return TransferState.WAITING
+        if not entry.state.terminal:
+            status = self._engine.get_batch_transfer_status([entry.batch_id])
+            if status == 0:
+                entry.state = TransferState.DONE
+            elif status < 0:
+                entry.state = TransferState.FAILED
+                log.warning("transfer of %s failed (status %s)", rid, status)
+        return entry.state
+
+    def release(self, rid: str) -> None:
+        entry = self._inflight.get(rid)
+        if entry is None:
+            return
+        if not entry.state.terminal:
+            self.wait(rid, timeout_s=30.0)
+        self._unregister(entry)
+        del self._inflight[rid]
+
+    def close(self) -> None:
+        for rid in list(self._inflight):
+            self.release(rid)
+
+    def _register_sources(self, entry: _Inflight) -> None:
+        if not self._register:
+            return
+        for t in entry.sources:
+            nbytes = t.numel() * t.element_size()
+            if self._engine.register_memory(t.data_ptr(), nbytes) != 0:
+                raise TransferError(f"Mooncake register_memory of {nbytes} source bytes failed")
+            entry.registered.append(t.data_ptr())
+
+    def _unregister(self, entry: _Inflight) -> None:
+        for ptr in entry.registered:
+            self._engine.unregister_memory(ptr)
+        entry.registered.clear()
