@@ -172,7 +172,7 @@ class TransferSender(ABC):
             if time.monotonic() > deadline:
                 return TransferState.FAILED
             time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
+            delay = min(delay * 2, 5e-5)  # small cap: oversleeping adds latency
 
 
 def check_rows(embeds: torch.Tensor, deepstack: torch.Tensor) -> None:

@@ -1,8 +1,10 @@
 """Cheap content checksum that both sides compute over the rows of one request.
 
-Reading every byte would cost as much as the transfer itself on TCP, so by default we hash a
-fixed sample of rows (first, last and evenly spaced ones, always including each block's first
-row) of both regions. ``full=True`` hashes everything, for tests and debugging.
+Reading every byte would cost as much as the transfer itself, so by default we hash a fixed
+sample: up to ``SAMPLE_ROWS`` rows (first, last, evenly spaced, and each block's first row) and,
+in each, up to ``SAMPLE_COLS`` evenly strided columns of both regions (about 16 KiB in all).
+It catches stale, misplaced or unwritten blocks, not single flipped bits; ``full=True`` hashes
+everything, for tests and debugging.
 """
 
 from __future__ import annotations
@@ -10,36 +12,44 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import numpy as np
 import torch
 
 SAMPLE_ROWS = 64
+SAMPLE_COLS = 64
 
 
 def _rows(n: int, block_tokens: int) -> list[int]:
     if n == 0:
         return []
     picks = set(range(0, n, block_tokens)) | {n - 1}
-    step = max(1, n // SAMPLE_ROWS)
-    picks.update(range(0, n, step))
+    picks.update(range(0, n, max(1, n // SAMPLE_ROWS)))
     return sorted(picks)
 
 
-def _bytes_of(t: torch.Tensor) -> Any:
-    return t.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy()
+def _sample(t: torch.Tensor, rows: list[int] | None) -> Any:
+    """The sampled (or all, when ``rows`` is None) elements as a contiguous numpy array."""
+    t = t.detach()
+    ints = t.view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    )
+    if rows is None:
+        return np.ascontiguousarray(ints.cpu().numpy())
+    cols = slice(None, None, max(1, t.shape[1] // SAMPLE_COLS))
+    if t.device.type != "cpu":
+        idx = torch.tensor(rows, dtype=torch.long, device=t.device)
+        return np.ascontiguousarray(ints[:, cols].index_select(0, idx).cpu().numpy())
+    return np.ascontiguousarray(ints.numpy()[rows, cols])
 
 
 def rows_checksum(
     embeds: torch.Tensor, deepstack: torch.Tensor, block_tokens: int, *, full: bool = False
 ) -> int:
-    """CRC32 over sampled (or all) rows of ``embeds [n, H]`` and ``deepstack [n, 3H]``."""
+    """Checksum of ``embeds [n, H]`` and ``deepstack [n, 3H]`` (CRC32 of samples, row count)."""
     n = embeds.shape[0]
     if deepstack.shape[0] != n:
         raise ValueError(f"row counts differ: {n} vs {deepstack.shape[0]}")
-    if full or n <= SAMPLE_ROWS:
-        e, d = embeds, deepstack
-    else:
-        idx = torch.tensor(_rows(n, block_tokens), device=embeds.device)
-        e, d = embeds.index_select(0, idx), deepstack.index_select(0, idx)
-    crc = zlib.crc32(_bytes_of(e))
-    crc = zlib.crc32(_bytes_of(d), crc)
+    rows = None if full else _rows(n, block_tokens)
+    crc = zlib.crc32(_sample(embeds, rows))
+    crc = zlib.crc32(_sample(deepstack, rows), crc)
     return crc ^ (n << 32)

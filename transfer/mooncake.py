@@ -155,6 +155,14 @@ class Sender(TransferSender):
         for rid in list(self._inflight):
             self.release(rid)
 
+    def write_raw(self, session: str, src: list[int], dst: list[int], sizes: list[int]) -> int:
+        """Plain ``batch_transfer_sync_write`` on this sender's engine (blocking).
+
+        For baselines and diagnostics: no grant, no segment planning, no registration.
+        Returns Mooncake's status code (0 on success, negative on failure).
+        """
+        return int(self._engine.batch_transfer_sync_write(session, src, dst, sizes))
+
     def _register_sources(self, entry: _Inflight) -> None:
         if not self._register:
             return

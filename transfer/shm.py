@@ -6,12 +6,15 @@ offsets into the segment named by the session (``shm://<name>``). Host memory on
 
 from __future__ import annotations
 
+import _posixshmem  # type: ignore[import-not-found]  # CPython, POSIX only
 import contextlib
+import mmap
+import os
 import re
 import threading
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import torch
 
@@ -30,14 +33,18 @@ _NAME = re.compile(r"^epd-[A-Za-z0-9_-]{1,64}$")
 INLINE_BYTES = 4 << 20  # smaller requests are copied in submit(); larger ones on a thread
 
 
-def _attach(name: str) -> shared_memory.SharedMemory:
-    """Map an existing segment without letting this process's tracker unlink it at exit."""
-    shm = shared_memory.SharedMemory(name=name, create=False)
+def _attach(name: str) -> mmap.mmap:
+    """Map an existing segment read-write.
+
+    Done with ``shm_open`` + ``mmap`` rather than ``SharedMemory`` so that this process's
+    resource tracker never learns the name (it would unlink the receiver's segment at exit, or
+    forget the receiver's own registration when both share one tracker).
+    """
+    fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
     try:
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - tracker bookkeeping only
-        pass
-    return shm
+        return mmap.mmap(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 class Receiver(TransferReceiver):
@@ -86,7 +93,7 @@ class Sender(TransferSender):
     name = "shm"
 
     def __init__(self) -> None:
-        self._maps: dict[str, tuple[shared_memory.SharedMemory, torch.Tensor]] = {}
+        self._maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
         self._inflight: dict[str, Future[None]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shm-copy")
         self._lock = threading.Lock()
@@ -127,6 +134,18 @@ class Sender(TransferSender):
             return TransferState.TRANSFERRING
         return TransferState.FAILED if fut.exception() else TransferState.DONE
 
+    def wait(self, rid: str, timeout_s: float = 60.0) -> TransferState:
+        fut = self._inflight.get(rid)
+        if fut is None:
+            return TransferState.WAITING
+        try:
+            fut.result(timeout=timeout_s)
+        except TimeoutError:
+            return TransferState.FAILED
+        except Exception:  # noqa: BLE001 - the copy's own failure
+            pass
+        return self.poll(rid)
+
     def release(self, rid: str) -> None:
         fut = self._inflight.pop(rid, None)
         if fut is not None:
@@ -148,10 +167,10 @@ class Sender(TransferSender):
         with self._lock:
             if name not in self._maps:
                 try:
-                    shm = _attach(name)
+                    mapping = _attach(name)
                 except FileNotFoundError as exc:
                     raise TransferError(f"shared memory {name} does not exist") from exc
-                self._maps[name] = (shm, torch.frombuffer(shm.buf, dtype=torch.uint8))
+                self._maps[name] = (mapping, torch.frombuffer(mapping, dtype=torch.uint8))
             return self._maps[name][1]
 
 

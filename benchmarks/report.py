@@ -1,0 +1,78 @@
+"""Tables, target ratios and plots for ``epd-bench-transfer`` results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+MIB = 1 << 20
+
+
+def _index(rows: Iterable[Any]) -> dict[tuple[int, int], dict[str, Any]]:
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in rows:
+        out.setdefault((r.hidden, r.tokens), {})[r.backend] = r
+    return out
+
+
+def table(rows: list[Any], backends: list[str]) -> str:
+    """Markdown table: one line per payload, median GB/s per backend."""
+    head = "| H | tokens | MiB | " + " | ".join(backends) + " |"
+    lines = [head, "|" + "---|" * (3 + len(backends))]
+    for (hidden, tokens), by in sorted(_index(rows).items()):
+        nbytes = next(iter(by.values())).bytes
+        cells = [f"{by[b].gbps_median:.2f}" if b in by else "-" for b in backends]
+        lines.append(f"| {hidden} | {tokens} | {nbytes / MIB:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Any]) -> list[str]:
+    """The issue's targets, each as a measured ratio with PASS/FAIL."""
+    out = []
+    zmq = ("zmq-pickle", "zmq-zerocopy")
+    for (hidden, tokens), by in sorted(_index(rows).items()):
+        mib = next(iter(by.values())).bytes / MIB
+        tag = f"H={hidden} n={tokens} ({mib:.0f} MiB)"
+        if {"mooncake", "raw-mooncake"} <= by.keys() and mib >= 16:
+            r = by["mooncake"].gbps_median / by["raw-mooncake"].gbps_median
+            out.append(f"{tag}: mooncake / raw-mooncake = {r:.2f} (target >= 0.9) {_ok(r >= 0.9)}")
+        if {"shm", "copy"} <= by.keys() and mib == 16:
+            r = by["shm"].gbps_median / by["copy"].gbps_median
+            out.append(f"{tag}: shm / copy = {r:.2f} (target >= 0.5) {_ok(r >= 0.5)}")
+        best_zmq = max((by[z].gbps_median for z in zmq if z in by), default=None)
+        if "shm" in by and best_zmq and mib >= 1:
+            r = by["shm"].gbps_median / best_zmq
+            out.append(f"{tag}: shm / best zmq = {r:.2f} (target >= 1) {_ok(r >= 1.0)}")
+        if "mooncake" in by and best_zmq:
+            r = by["mooncake"].gbps_median / best_zmq
+            out.append(f"{tag}: mooncake(tcp) / best zmq = {r:.2f} (informational)")
+    return out
+
+
+def _ok(cond: bool) -> str:
+    return "PASS" if cond else "FAIL"
+
+
+def plot(rows: list[Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hiddens = sorted({r.hidden for r in rows})
+    fig, axes = plt.subplots(1, len(hiddens), figsize=(6 * len(hiddens), 4.5), squeeze=False)
+    for ax, hidden in zip(axes[0], hiddens, strict=True):
+        for backend in dict.fromkeys(r.backend for r in rows):
+            pts = sorted(
+                (r.bytes / MIB, r.gbps_median)
+                for r in rows
+                if r.hidden == hidden and r.backend == backend
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=backend)
+        ax.set(xscale="log", yscale="log", xlabel="payload (MiB, bf16)", ylabel="GB/s (median)")
+        ax.set_title(f"hidden {hidden}: embeds [n,H] + deepstack [n,3H]")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
