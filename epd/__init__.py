@@ -1,0 +1,1 @@
+"""Glue shared by the encode and language sides: tiny checkpoint, parity helpers."""

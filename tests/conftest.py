@@ -1,0 +1,59 @@
+"""Shared fixtures: one tiny Qwen3-VL-MoE checkpoint per session, and the models loaded from it.
+
+Heavy imports (torch, transformers) happen inside the fixtures so that test packages that need no
+model (protocol, transfer) do not pay for them. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A default tiny checkpoint (float32, one safetensors file, seed 0)."""
+    from epd.tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def monolithic(tiny_model_dir):
+    """transformers' own Qwen3VLMoeForConditionalGeneration, float32: the parity oracle."""
+    import torch
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def encoder(tiny_model_dir):
+    from encode_server.vision import VisionEncoder
+
+    return VisionEncoder.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def language_model(tiny_model_dir):
+    from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+
+    return Qwen3MoeForCausalLMWithDeepStack.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def make_image():
+    """``make_image(height, width, seed=0)``: a PIL RGB image of uniform random pixels."""
+    import numpy as np
+    from PIL import Image
+
+    def make(height: int, width: int, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+    return make
