@@ -86,7 +86,14 @@ class _Inflight:
 
 
 class Sender(TransferSender):
-    """Writes a whole request with one batch call; consecutive blocks become one segment."""
+    """Writes a whole request with one batch call; consecutive blocks become one segment.
+
+    RDMA reads the source from registered memory. Sources inside an arena registered once
+    with ``register_arena`` (e.g. the encoder's output buffer) cost nothing per request; any
+    other source is registered for the request and unregistered on ``release`` (this scales
+    with size: about 3 ms for 64 MiB here). Over TCP Mooncake copies from any address, so by
+    default nothing is registered there.
+    """
 
     name = "mooncake"
 
@@ -95,11 +102,22 @@ class Sender(TransferSender):
         hostname: str = "127.0.0.1",
         protocol: str = "tcp",
         device_name: str = "",
-        register_sources: bool = True,
+        register_sources: bool | None = None,
     ):
         self._engine = _new_engine(hostname, protocol, device_name)
-        self._register = register_sources
+        self._register = protocol != "tcp" if register_sources is None else register_sources
+        self._arenas: list[tuple[int, int, torch.Tensor]] = []
         self._inflight: dict[str, _Inflight] = {}
+
+    def register_arena(self, arena: torch.Tensor) -> None:
+        """Register ``arena`` once; sources that lie inside it are not registered per request.
+
+        The sender keeps a reference to ``arena`` until ``close``.
+        """
+        start, nbytes = arena.data_ptr(), arena.numel() * arena.element_size()
+        if self._engine.register_memory(start, nbytes) != 0:
+            raise TransferError(f"Mooncake register_memory of a {nbytes}-byte arena failed")
+        self._arenas.append((start, start + nbytes, arena))
 
     def submit(
         self, rid: str, dest: Destination, embeds: torch.Tensor, deepstack: torch.Tensor
@@ -154,6 +172,9 @@ class Sender(TransferSender):
     def close(self) -> None:
         for rid in list(self._inflight):
             self.release(rid)
+        for start, _, _ in self._arenas:
+            self._engine.unregister_memory(start)
+        self._arenas.clear()
 
     def write_raw(self, session: str, src: list[int], dst: list[int], sizes: list[int]) -> int:
         """Plain ``batch_transfer_sync_write`` on this sender's engine (blocking).
@@ -168,6 +189,10 @@ class Sender(TransferSender):
             return
         for t in entry.sources:
             nbytes = t.numel() * t.element_size()
+            if any(
+                lo <= t.data_ptr() and t.data_ptr() + nbytes <= hi for lo, hi, _ in self._arenas
+            ):
+                continue
             if self._engine.register_memory(t.data_ptr(), nbytes) != 0:
                 raise TransferError(f"Mooncake register_memory of {nbytes} source bytes failed")
             entry.registered.append(t.data_ptr())

@@ -160,3 +160,30 @@ def test_unreachable_receiver_fails_cleanly(backend, sender):
     assert sender.wait("gone", timeout_s=20) is TransferState.FAILED
     sender.release("gone")
     assert sender.poll("gone") is TransferState.WAITING
+
+
+@pytest.mark.parametrize("mode", ["per-request", "arena"])
+def test_mooncake_registered_sources(mode):
+    """The RDMA code path: sources registered per request, or inside a registered arena."""
+    receiver = make_receiver("mooncake")
+    buf = MultimodalDataBuffers(num_blocks=8, block_tokens=4, hidden=8, receiver=receiver)
+    sender = make_sender("mooncake", register_sources=True)
+    try:
+        arena = torch.empty(4 * 8 * 4 * 4, dtype=torch.uint8)
+        e, d = payload(4, 8, torch.float32, seed=6)
+        if mode == "arena":
+            sender.register_arena(arena)
+            e = arena[: e.numel() * 4].view(torch.float32).view(4, 8).copy_(e)
+            d = arena[e.numel() * 4 :].view(torch.float32).view(4, 24).copy_(d)
+        blocks = buf.alloc(4)
+        sender.submit("reg", destination(buf, blocks), e, d)
+        entry = sender._inflight["reg"]
+        assert len(entry.registered) == (0 if mode == "arena" else 2)
+        assert sender.wait("reg") is TransferState.DONE
+        sender.release("reg")
+        assert entry.registered == []
+        assert torch.equal(buf.gather(blocks, 4)[0], e)
+    finally:
+        sender.close()
+        del buf
+        receiver.close()
