@@ -2,14 +2,12 @@
 
 Accepted image parts: ``{"type": "image_url", "image_url": {"url": URL}}`` where URL is a
 ``data:image/...;base64,...`` URL, a ``file://`` URL or a local path, and
-``{"type": "image", "image": PIL.Image.Image | URL}``. Remote URLs are never fetched. Every
+``{"type": "image", "image": PIL.Image.Image | bytes | URL}``. Remote URLs are never fetched. Every
 rejection is a ValueError whose message says what was wrong; nothing here touches the network.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import warnings
 from dataclasses import dataclass
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
+
+from protocol.chat import ImageSourcePolicy, source_bytes
 
 ROLES = ("system", "user", "assistant")
 
@@ -34,6 +34,15 @@ class ImageLimits:
     def __post_init__(self) -> None:
         if min(self.max_images, self.max_bytes, self.max_pixels) < 1:
             raise ValueError("image limits must be positive")
+
+    @property
+    def source_policy(self) -> ImageSourcePolicy:
+        return ImageSourcePolicy(
+            max_images=self.max_images,
+            max_bytes=self.max_bytes,
+            allow_local_files=self.allow_local_files,
+            local_root=self.local_root,
+        )
 
 
 def split_messages(
@@ -78,47 +87,21 @@ def _part(part: Any, where: str, images: list[Any]) -> dict[str, Any]:
         images.append(url)
         return {"type": "image"}
     if kind == "image":
-        if not isinstance(part.get("image"), (str, Image.Image)):
-            raise ValueError(f"{where}.image must be a PIL image or a URL string")
+        if not isinstance(part.get("image"), (str, bytes, Image.Image)):
+            raise ValueError(f"{where}.image must be a PIL image, encoded bytes or a URL string")
         images.append(part["image"])
         return {"type": "image"}
     raise ValueError(f"{where}.type must be 'text', 'image_url' or 'image', got {kind!r}")
 
 
-def _load(source: str | Image.Image, limits: ImageLimits) -> Image.Image:
+def _load(source: str | bytes | Image.Image, limits: ImageLimits) -> Image.Image:
     if isinstance(source, Image.Image):
         return _finish(source, limits)
-    if source.startswith("data:"):
-        return _decode(_data_url_bytes(source, limits), limits)
-    if "://" in source and not source.startswith("file://"):
-        scheme = source.split("://", 1)[0][:16]
-        raise ValueError(f"image URL scheme {scheme!r} is not accepted (use data: or a file path)")
-    return _decode(_file_bytes(source.removeprefix("file://"), limits), limits)
-
-
-def _data_url_bytes(url: str, limits: ImageLimits) -> bytes:
-    header, sep, payload = url.partition(",")
-    if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
-        raise ValueError("data URL must look like data:image/<type>;base64,<payload>")
-    if len(payload) > limits.max_bytes * 4 // 3 + 4:
-        raise ValueError(f"image data larger than {limits.max_bytes} bytes")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"image data URL is not valid base64: {exc}") from None
-
-
-def _file_bytes(path_str: str, limits: ImageLimits) -> bytes:
-    if not limits.allow_local_files:
-        raise ValueError("local image paths are not accepted by this encoder")
-    path = Path(path_str).expanduser().resolve()
-    if limits.local_root is not None and not path.is_relative_to(limits.local_root.resolve()):
-        raise ValueError(f"image path {path_str!r} is outside the allowed directory")
-    if not path.is_file():
-        raise ValueError(f"image path {path_str!r} is not a readable file")
-    if path.stat().st_size > limits.max_bytes:
-        raise ValueError(f"image file larger than {limits.max_bytes} bytes")
-    return path.read_bytes()
+    if isinstance(source, bytes):
+        if len(source) > limits.max_bytes:
+            raise ValueError(f"image larger than {limits.max_bytes} bytes")
+        return _decode(source, limits)
+    return _decode(source_bytes(source, limits.source_policy), limits)
 
 
 def _decode(data: bytes, limits: ImageLimits) -> Image.Image:

@@ -168,6 +168,16 @@ class AllocRequest(Message, frozen=True, kw_only=True, tag="alloc"):
         _check(self.n_tokens <= seq, "more visual tokens than prompt tokens")
 
 
+class EncodeTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where the encoder spent a request's time (seconds), for TTFT breakdowns."""
+
+    queue_s: Seconds = 0.0  # EncodeRequest received -> preprocessing starts
+    preprocess_s: Seconds = 0.0
+    vision_s: Seconds = 0.0  # the ViT forward of the batch this request was in
+    grant_wait_s: Seconds = 0.0  # ViT done -> grant in hand (0 when the grant came first)
+    transfer_s: Seconds = 0.0  # submit -> transport reports DONE
+
+
 class TransferDone(Message, frozen=True, kw_only=True, tag="done"):
     """All ``n_tokens`` rows of ``rid`` are in the granted blocks of ``generation``."""
 
@@ -175,6 +185,7 @@ class TransferDone(Message, frozen=True, kw_only=True, tag="done"):
     generation: U64
     n_tokens: Tokens
     checksum: U64
+    timings: EncodeTimings = EncodeTimings()
 
 
 class EncodeFailed(Message, frozen=True, kw_only=True, tag="failed"):

@@ -9,15 +9,19 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
+# Debian packages: the libraries Mooncake links against even for TCP, and docker-compose
+# (the tests validate docker-compose.yml with `docker-compose config`; no Docker engine needed).
 need_apt=()
 for lib in libibverbs.so.1 libnl-3.so.200 libnl-route-3.so.200; do
   ldconfig -p | grep -q "$lib" || need_apt+=("$lib")
 done
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "[setup] installing Debian libraries for Mooncake (${need_apt[*]} missing)"
+command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+if [ ${#need_apt[@]} -gt 0 ] && [ "${EPD_SKIP_APT:-0}" != 1 ]; then
+  echo "[setup] installing Debian packages (missing: ${need_apt[*]})"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libibverbs1 libnl-3-200 libnl-route-3-200 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    libibverbs1 libnl-3-200 libnl-route-3-200 docker-compose >/dev/null
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

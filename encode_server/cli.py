@@ -1,0 +1,88 @@
+"""``epd-encode``: run one encode server (processor + ViT) until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from encode_server.config import EncodeConfig
+
+
+def parse_args(argv: list[str] | None = None) -> EncodeConfig:
+    d = EncodeConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="epd-encode",
+        description="Encode server: runs the Qwen3-VL-MoE processor and vision tower and writes "
+        "embeddings + deepstack rows into a language server's buffers.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--host", default=d["host"].default, help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=d["port"].default, help="ZeroMQ port to bind")
+    p.add_argument("--encoder-id", default="", help="name in logs and /health (default host:port)")
+    p.add_argument("--transport", default="mooncake", choices=["mooncake", "shm"],
+                   help="data plane: mooncake (RDMA/TCP) or shm (same host)")  # fmt: skip
+    p.add_argument("--mooncake-protocol", default="tcp", choices=["tcp", "rdma"],
+                   help="Mooncake protocol (rdma on GPU nodes with RDMA NICs)")  # fmt: skip
+    p.add_argument("--mooncake-device", default="", help="RDMA device names, e.g. mlx5_0,mlx5_1")
+    p.add_argument("--advertise-host", default="",
+                   help="address other hosts reach this one at (default: --host)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch device for the ViT (cpu, cuda:0, ...)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="ViT and data-plane dtype (must match the language server's)")  # fmt: skip
+    p.add_argument("--max-batch-images", type=int, default=d["max_batch_images"].default,
+                   help="images in one ViT forward at most")  # fmt: skip
+    p.add_argument("--max-batch-tokens", type=int, default=d["max_batch_tokens"].default,
+                   help="visual tokens in one ViT forward at most")  # fmt: skip
+    p.add_argument("--grant-timeout", type=float, default=d["grant_timeout_s"].default,
+                   help="seconds to wait for blocks before failing a request")  # fmt: skip
+    p.add_argument("--transfer-timeout", type=float, default=d["transfer_timeout_s"].default,
+                   help="seconds a transfer may take before it is failed")  # fmt: skip
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    a = p.parse_args(argv)
+    try:
+        return EncodeConfig(
+            model=a.model, host=a.host, port=a.port, encoder_id=a.encoder_id,
+            transport=a.transport, mooncake_protocol=a.mooncake_protocol,
+            mooncake_device=a.mooncake_device, advertise_host=a.advertise_host, device=a.device,
+            dtype=a.dtype, max_batch_images=a.max_batch_images, max_batch_tokens=a.max_batch_tokens,
+            grant_timeout_s=a.grant_timeout, transfer_timeout_s=a.transfer_timeout,
+            log_level=a.log_level,
+        )  # fmt: skip
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    import torch
+
+    from encode_server.server import EncodeServer
+    from encode_server.vision import VisionEncoder
+    from transfer import DTYPES, make_sender
+
+    encoder = VisionEncoder.from_pretrained(config.model, config.device, DTYPES[config.dtype])
+    sender = make_sender(config.transport, **config.sender_options())
+    server = EncodeServer(config, encoder, sender)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    torch.set_grad_enabled(False)
+    try:
+        server.serve_forever(stop)
+    finally:
+        server.close()
+        sender.close()
+        logging.getLogger("epd.encode").info("encode server stopped: %s", server.stats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Configuration of one encode server process; command-line flags map onto it one to one."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from transfer import BACKENDS, DTYPES
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeConfig:
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 7100
+    encoder_id: str = ""  # default: "<hostname>:<port>"
+    transport: str = "mooncake"
+    mooncake_protocol: str = "tcp"  # "rdma" on GPU nodes
+    mooncake_device: str = ""  # RDMA NIC names, e.g. "mlx5_0,mlx5_1"
+    advertise_host: str = ""  # address peers reach this host at (default: host, or hostname)
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_images: int = 16
+    max_batch_tokens: int = 16384
+    grant_timeout_s: float = 30.0
+    transfer_timeout_s: float = 60.0
+    heartbeat_s: float = 1.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not (self.model / "config.json").is_file():
+            raise ValueError(f"--model {self.model} is not a checkpoint directory (no config.json)")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port {self.port} is out of range")
+        if self.transport not in BACKENDS:
+            raise ValueError(f"--transport must be one of {sorted(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+        if self.max_batch_images < 1 or self.max_batch_tokens < 1:
+            raise ValueError("--max-batch-images and --max-batch-tokens must be >= 1")
+        if min(self.grant_timeout_s, self.transfer_timeout_s, self.heartbeat_s) <= 0:
+            raise ValueError("timeouts and the heartbeat interval must be > 0")
+
+    @property
+    def bind_address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def public_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        return socket.gethostname() if self.host in ("0.0.0.0", "::", "*") else self.host
+
+    @property
+    def name(self) -> str:
+        return self.encoder_id or f"{self.public_host}:{self.port}"
+
+    def sender_options(self) -> dict[str, object]:
+        if self.transport == "mooncake":
+            return {
+                "hostname": self.public_host,
+                "protocol": self.mooncake_protocol,
+                "device_name": self.mooncake_device,
+            }
+        return {}

@@ -1,0 +1,278 @@
+"""The encode server: processor + ViT behind a ZeroMQ ROUTER, writing into language-side blocks.
+
+Main loop, one thread (``step``): receive and handle every waiting message; run one ViT forward
+over the requests waiting for it (bounded by images and tokens); start the transfers whose
+grants are in; poll transfers and report them; expire what waited too long; answer heartbeats.
+The allocation round trip overlaps the ViT: AllocRequest goes out right after preprocessing,
+and grants that arrive during the forward wait in the socket until it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+
+import protocol as P
+from encode_server.config import EncodeConfig
+from encode_server.jobs import Job, Stage
+from encode_server.vision import VisionEncoder
+from protocol.chat import to_messages
+from transfer import Destination, TransferError, TransferSender, TransferState, rows_checksum
+
+log = logging.getLogger("epd.encode")
+
+
+class EncodeServer:
+    def __init__(self, config: EncodeConfig, encoder: VisionEncoder, sender: TransferSender):
+        self.config, self.encoder, self.sender = config, encoder, sender
+        self.dtype = config.dtype
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(config.bind_address)
+        self.jobs: dict[str, Job] = {}
+        self.peers: set[bytes] = set()
+        self.stats = {"requests": 0, "done": 0, "failed": 0, "rejected_messages": 0}
+
+    # --- loop -------------------------------------------------------------------------------
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        log.info("encode server %s listening on %s", self.config.name, self.config.bind_address)
+        while not stop.is_set():
+            self.step()
+
+    def step(self) -> None:
+        busy = any(j.stage is not Stage.AWAIT_GRANT for j in self.jobs.values())
+        self.receive(timeout_ms=0 if busy else 50)
+        self.encode_batch()
+        self.poll_transfers()
+        self.expire()
+
+    def close(self) -> None:
+        for job in list(self.jobs.values()):
+            self._finish(job)
+        self.sock.close(linger=0)
+
+    # --- receive ----------------------------------------------------------------------------
+
+    def receive(self, timeout_ms: int) -> None:
+        if not self.sock.poll(timeout_ms):
+            return
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self._reject(frames[0] if frames else b"", f"{len(frames)} frames, expected 2")
+                continue
+            peer, data = frames
+            try:
+                msg = P.decode(data)
+            except P.ProtocolError as exc:
+                self._reject(peer, str(exc))
+                continue
+            self.handle(peer, msg)
+
+    def handle(self, peer: bytes, msg: P.Message) -> None:
+        if isinstance(msg, P.EncodeRequest):
+            self.on_encode(peer, msg)
+        elif isinstance(msg, P.AllocGrant):
+            self.on_grant(peer, msg)
+        elif isinstance(msg, (P.AllocDenied, P.Abort)):
+            self.on_cancel(peer, msg.rid, getattr(msg, "reason", "") or type(msg).__name__)
+        elif isinstance(msg, P.Heartbeat):
+            self.on_heartbeat(peer)
+        else:
+            self._reject(peer, f"{type(msg).__name__} is not for an encode server")
+
+    def on_encode(self, peer: bytes, req: P.EncodeRequest) -> None:
+        now = time.perf_counter()
+        self.stats["requests"] += 1
+        key = f"{peer.hex()}/{req.rid}"
+        if key in self.jobs:
+            self._reject(peer, f"duplicate request id {req.rid}")
+            return
+        try:
+            t0 = time.perf_counter()
+            prompt = self.encoder.preprocess(to_messages(req.turns, list(req.images)))
+        except ValueError as exc:
+            self._send(peer, P.EncodeFailed(rid=req.rid, stage="preprocess", reason=str(exc)))
+            self.stats["failed"] += 1
+            return
+        job = Job(peer=peer, rid=req.rid, prompt=prompt, received_at=now)
+        job.marks.update(received=now, preprocess_start=t0)
+        job.mark("preprocessed")
+        job.deadline = now + self.config.grant_timeout_s
+        self.jobs[job.key] = job
+        self._send(
+            peer,
+            P.AllocRequest(
+                rid=req.rid,
+                encoder_id=self.config.name,
+                n_tokens=prompt.n_vis,
+                hidden=self.encoder.hidden,
+                dtype=self.dtype,  # type: ignore[arg-type]
+                input_ids=prompt.input_ids.tolist(),
+                positions=prompt.positions.tolist(),
+            ),
+        )
+
+    def on_grant(self, peer: bytes, grant: P.AllocGrant) -> None:
+        job = self.jobs.get(f"{peer.hex()}/{grant.rid}")
+        if job is None or job.dest is not None:
+            self._reject(peer, f"grant for unknown or already granted request {grant.rid}")
+            return
+        problem = self._check_grant(job, grant)
+        if problem:
+            self._fail(job, "alloc", f"bad grant: {problem}")
+            return
+        job.dest = Destination(
+            grant.session,
+            grant.block_tokens,
+            tuple(grant.embed_addrs),
+            tuple(grant.deepstack_addrs),
+        )
+        job.generation = grant.generation
+        job.mark("granted")
+        if job.stage is Stage.AWAIT_GRANT:
+            self._start_transfer(job)
+
+    def _check_grant(self, job: Job, grant: P.AllocGrant) -> str:
+        if grant.n_tokens != job.prompt.n_vis:
+            return f"{grant.n_tokens} tokens granted, {job.prompt.n_vis} needed"
+        if grant.hidden != self.encoder.hidden or grant.dtype != self.dtype:
+            return (
+                f"pool is {grant.dtype} x {grant.hidden}, ours {self.dtype} x {self.encoder.hidden}"
+            )
+        return ""
+
+    def on_cancel(self, peer: bytes, rid: str, reason: str) -> None:
+        job = self.jobs.get(f"{peer.hex()}/{rid}")
+        if job is not None:
+            log.info("request %s cancelled by the language server: %s", rid, reason)
+            self._finish(job)
+
+    def on_heartbeat(self, peer: bytes) -> None:
+        if peer not in self.peers:
+            self.peers.add(peer)
+            hello = P.EncoderHello(
+                encoder_id=self.config.name, transport=self.sender.name, session=self.config.name
+            )
+            self._send(peer, hello)
+        beat = P.Heartbeat(
+            encoder_id=self.config.name, inflight=len(self.jobs), sent_at=time.time()
+        )
+        self._send(peer, beat)
+
+    # --- vision -----------------------------------------------------------------------------
+
+    def encode_batch(self) -> None:
+        batch = self._next_batch()
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        try:
+            encoded = self.encoder.run_vision([j.prompt for j in batch])
+        except Exception as exc:  # noqa: BLE001 - a ViT failure fails its batch, not the server
+            log.exception("vision forward failed for %d requests", len(batch))
+            for job in batch:
+                self._fail(job, "vision", f"{type(exc).__name__}: {exc}")
+            return
+        t1 = time.perf_counter()
+        for job, out in zip(batch, encoded, strict=True):
+            job.marks.update(vision_start=t0, vision_end=t1)
+            job.embeds, job.deepstack = out.embeds, out.deepstack
+            job.stage = Stage.AWAIT_GRANT
+            if job.dest is not None:
+                self._start_transfer(job)
+
+    def _next_batch(self) -> list[Job]:
+        batch: list[Job] = []
+        images = tokens = 0
+        for job in self.jobs.values():
+            if job.stage is not Stage.AWAIT_VISION:
+                continue
+            images += job.prompt.n_images
+            tokens += job.prompt.n_vis
+            over = images > self.config.max_batch_images or tokens > self.config.max_batch_tokens
+            if batch and over:
+                break
+            batch.append(job)
+        return batch
+
+    # --- transfer ---------------------------------------------------------------------------
+
+    def _start_transfer(self, job: Job) -> None:
+        assert job.dest is not None and job.embeds is not None and job.deepstack is not None
+        job.mark("transfer_start")
+        try:
+            self.sender.submit(job.key, job.dest, job.embeds, job.deepstack)
+        except TransferError as exc:
+            self._fail(job, "transfer", str(exc))
+            return
+        job.stage = Stage.TRANSFERRING
+        job.deadline = time.perf_counter() + self.config.transfer_timeout_s
+        job.checksum = rows_checksum(job.embeds, job.deepstack, job.dest.block_tokens)
+
+    def poll_transfers(self) -> None:
+        for job in [j for j in self.jobs.values() if j.stage is Stage.TRANSFERRING]:
+            state = self.sender.poll(job.key)
+            if state is TransferState.DONE:
+                job.mark("transfer_end")
+                self._send(job.peer, self._done_message(job))
+                self.stats["done"] += 1
+                self._finish(job)
+            elif state is TransferState.FAILED:
+                self._fail(job, "transfer", "the transport reported a failed write")
+
+    def _done_message(self, job: Job) -> P.TransferDone:
+        timings = P.EncodeTimings(
+            queue_s=job.span("received", "preprocess_start"),
+            preprocess_s=job.span("preprocess_start", "preprocessed"),
+            vision_s=job.span("vision_start", "vision_end"),
+            grant_wait_s=max(0.0, job.span("vision_end", "granted")),
+            transfer_s=job.span("transfer_start", "transfer_end"),
+        )
+        return P.TransferDone(
+            rid=job.rid,
+            generation=job.generation,
+            n_tokens=job.prompt.n_vis,
+            checksum=job.checksum,
+            timings=timings,
+        )
+
+    def expire(self) -> None:
+        now = time.perf_counter()
+        for job in [j for j in self.jobs.values() if j.deadline and now > j.deadline]:
+            stage = "transfer" if job.stage is Stage.TRANSFERRING else "alloc"
+            self._fail(job, stage, f"timed out in {job.stage.value}")  # type: ignore[arg-type]
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _fail(self, job: Job, stage: str, reason: str) -> None:
+        log.warning("request %s failed at %s: %s", job.rid, stage, reason)
+        self.stats["failed"] += 1
+        msg = P.EncodeFailed(rid=job.rid, generation=job.generation, stage=stage, reason=reason)  # type: ignore[arg-type]
+        self._send(job.peer, msg)
+        self._finish(job)
+
+    def _finish(self, job: Job) -> None:
+        """Forget ``job`` and free what it holds (transfer state, source tensors)."""
+        self.sender.release(job.key)
+        job.drop_tensors()
+        self.jobs.pop(job.key, None)
+
+    def _send(self, peer: bytes, msg: P.Message) -> None:
+        try:
+            self.sock.send_multipart([peer, P.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue is full
+            log.warning("cannot send %s to a language server: %s", type(msg).__name__, exc)
+
+    def _reject(self, peer: bytes, reason: str) -> None:
+        self.stats["rejected_messages"] += 1
+        log.warning("rejected a message from %s: %s", peer.hex()[:12] or "?", reason)

@@ -1,0 +1,129 @@
+"""``epd-language``: the language server and front door (HTTP), fed by one or more encoders."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from language_server.config import LanguageConfig
+
+
+def parse_args(argv: list[str] | None = None) -> LanguageConfig:
+    d = LanguageConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="epd-language",
+        description="Language server: OpenAI-compatible HTTP API running "
+        "Qwen3MoeForCausalLMWithDeepStack on embeddings + deepstack rows written by encode servers.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--host", default=d["host"].default, help="HTTP bind address (default loopback)")
+    p.add_argument("--port", type=int, default=d["port"].default, help="HTTP port")
+    p.add_argument("--encoder", action="append", default=[], metavar="ADDR",
+                   help="an encode server, tcp://HOST:PORT (repeat for several)")  # fmt: skip
+    p.add_argument(
+        "--served-model-name", default="", help="model id in the API (default: dir name)"
+    )
+    p.add_argument("--transport", default="mooncake", choices=["mooncake", "shm"],
+                   help="data plane: mooncake (RDMA/TCP) or shm (same host)")  # fmt: skip
+    p.add_argument("--mooncake-protocol", default="tcp", choices=["tcp", "rdma"],
+                   help="Mooncake protocol (rdma on GPU nodes with RDMA NICs)")  # fmt: skip
+    p.add_argument("--mooncake-device", default="", help="RDMA device names, e.g. mlx5_0")
+    p.add_argument("--advertise-host", default="",
+                   help="address encoders reach this host at for data (default: --host)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="torch device for the language model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="model and receive-buffer dtype (must match the encoders')")  # fmt: skip
+    p.add_argument("--num-blocks", type=int, default=d["num_blocks"].default,
+                   help="receive blocks in the pool")  # fmt: skip
+    p.add_argument("--block-tokens", type=int, default=d["block_tokens"].default,
+                   help="visual tokens per block")  # fmt: skip
+    p.add_argument("--max-waiting-allocs", type=int, default=d["max_waiting_allocs"].default,
+                   help="requests that may wait for free blocks before 503")  # fmt: skip
+    p.add_argument("--request-timeout", type=float, default=d["request_timeout_s"].default,
+                   help="seconds from sending a request to an encoder to its rows arriving")  # fmt: skip
+    p.add_argument("--max-images", type=int, default=d["max_images"].default,
+                   help="images in one request at most")  # fmt: skip
+    p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"].default,
+                   help="prompt tokens at most (after image expansion)")  # fmt: skip
+    p.add_argument("--no-local-images", action="store_true",
+                   help="refuse image paths on this host; only data: URLs")  # fmt: skip
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    a = p.parse_args(argv)
+    try:
+        return LanguageConfig(
+            model=a.model, encoders=tuple(a.encoder), host=a.host, port=a.port,
+            served_model_name=a.served_model_name, transport=a.transport,
+            mooncake_protocol=a.mooncake_protocol, mooncake_device=a.mooncake_device,
+            advertise_host=a.advertise_host, device=a.device, dtype=a.dtype,
+            num_blocks=a.num_blocks, block_tokens=a.block_tokens,
+            max_waiting_allocs=a.max_waiting_allocs, request_timeout_s=a.request_timeout,
+            max_images=a.max_images, max_prompt_tokens=a.max_prompt_tokens,
+            allow_local_images=not a.no_local_images, log_level=a.log_level,
+        )  # fmt: skip
+    except ValueError as exc:
+        p.error(str(exc))
+
+
+def build_app(config: LanguageConfig):
+    """Load the model, allocate and register the receive pool, wire the service; return the app."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from language_server.api import create_app
+    from language_server.encoders import EncoderPool
+    from language_server.engine import Engine
+    from language_server.metrics import Metrics
+    from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+    from language_server.receiver import Receiver
+    from language_server.service import ChatService
+    from transfer import DTYPES, MultimodalDataBuffers, make_receiver
+
+    dtype = DTYPES[config.dtype]
+    model = Qwen3MoeForCausalLMWithDeepStack.from_pretrained(config.model, config.device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    image_token_id = AutoConfig.from_pretrained(config.model).image_token_id
+    transport = make_receiver(config.transport, **config.receiver_options())
+    buffers = MultimodalDataBuffers(config.num_blocks, config.block_tokens,
+                                    model.config.hidden_size, dtype, transport, config.device)  # fmt: skip
+    receiver = Receiver(
+        buffers, image_token_id, config.max_waiting_allocs, config.max_prompt_tokens
+    )
+    encoders = EncoderPool(config.encoders, config.transport, receiver.on_message,
+                           config.heartbeat_s, config.encoder_dead_after_s)  # fmt: skip
+    engine = Engine(model)
+    service = ChatService(config, engine, tokenizer, receiver, encoders)
+    log = logging.getLogger("epd.language")
+    log.info("receive pool: %d blocks x %d tokens, %.1f MiB, transport %s session %s",
+             buffers.num_blocks, buffers.block_tokens,
+             buffers.capacity_tokens * buffers.bytes_per_token / 2**20, transport.name,
+             transport.session)  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        encoders.start()
+        yield
+        await encoders.stop()
+        engine.close()
+        transport.close()
+
+    return create_app(service, Metrics(), lifespan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    import uvicorn
+
+    app = build_app(config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
+                access_log=False)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

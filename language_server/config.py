@@ -1,0 +1,71 @@
+"""Configuration of the language server process; command-line flags map onto it one to one."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from transfer import BACKENDS, DTYPES
+
+
+@dataclass(frozen=True, slots=True)
+class LanguageConfig:
+    model: Path
+    encoders: tuple[str, ...] = ()  # tcp://host:port of each encode server
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str = ""  # default: the checkpoint directory's name
+    transport: str = "mooncake"
+    mooncake_protocol: str = "tcp"
+    mooncake_device: str = ""
+    advertise_host: str = ""  # address encoders reach this host at (default: host or hostname)
+    device: str = "cpu"
+    dtype: str = "float32"
+    num_blocks: int = 256
+    block_tokens: int = 64
+    max_waiting_allocs: int = 64  # requests queued for blocks when the pool is full
+    request_timeout_s: float = 60.0  # EncodeRequest -> TransferDone
+    heartbeat_s: float = 1.0
+    encoder_dead_after_s: float = 5.0
+    max_new_tokens_limit: int = 4096
+    max_prompt_tokens: int = 32768
+    max_images: int = 16
+    allow_local_images: bool = True
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not (self.model / "config.json").is_file():
+            raise ValueError(f"--model {self.model} is not a checkpoint directory (no config.json)")
+        for addr in self.encoders:
+            if not addr.startswith(("tcp://", "ipc://")):
+                raise ValueError(f"--encoder {addr!r} must look like tcp://HOST:PORT")
+        if self.transport not in BACKENDS:
+            raise ValueError(f"--transport must be one of {sorted(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+        if min(self.num_blocks, self.block_tokens, self.max_images) < 1:
+            raise ValueError("--num-blocks, --block-tokens and --max-images must be >= 1")
+        if self.max_waiting_allocs < 0:
+            raise ValueError("--max-waiting-allocs must be >= 0")
+        if min(self.request_timeout_s, self.heartbeat_s, self.encoder_dead_after_s) <= 0:
+            raise ValueError("timeouts must be > 0")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.resolve().name
+
+    @property
+    def public_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        return socket.gethostname() if self.host in ("0.0.0.0", "::", "*") else self.host
+
+    def receiver_options(self) -> dict[str, object]:
+        if self.transport == "mooncake":
+            return {
+                "hostname": self.public_host,
+                "protocol": self.mooncake_protocol,
+                "device_name": self.mooncake_device,
+            }
+        return {}

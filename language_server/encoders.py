@@ -1,0 +1,152 @@
+"""Connections to the encode servers: one DEALER socket each, liveness, least-loaded choice.
+
+Runs on the language server's asyncio loop. Each link has a reader task that decodes every
+message (untrusted: bad ones are logged and dropped) and hands it to the ``on_message``
+callback; a heartbeat task pings every encoder and marks it down when it stays silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+import protocol as P
+
+log = logging.getLogger("epd.language.encoders")
+
+
+class LinkState(enum.Enum):
+    CONNECTING = "connecting"  # no answer yet
+    UP = "up"
+    DOWN = "down"  # silent for too long; gets no new requests
+    INCOMPATIBLE = "incompatible"  # speaks another transport
+
+
+@dataclass(eq=False)
+class EncoderLink:
+    address: str
+    sock: zmq.asyncio.Socket
+    state: LinkState = LinkState.CONNECTING
+    encoder_id: str = ""
+    inflight: set[str] = field(default_factory=set)  # request ids we sent it, not yet finished
+    last_seen: float = 0.0
+    rejected: int = 0
+
+    def send(self, msg: P.Message) -> None:
+        """Queue one message (never blocks; ZeroMQ buffers while the peer is away)."""
+        try:
+            self.sock.send(P.encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("cannot send %s to %s: %s", type(msg).__name__, self.address, exc)
+
+    def describe(self) -> dict[str, object]:
+        seen = time.monotonic() - self.last_seen if self.last_seen else None
+        return {
+            "address": self.address,
+            "id": self.encoder_id,
+            "state": self.state.value,
+            "inflight": len(self.inflight),
+            "last_seen_s": None if seen is None else round(seen, 3),
+            "rejected_messages": self.rejected,
+        }
+
+
+OnMessage = Callable[[EncoderLink, P.Message], None]
+
+
+class EncoderPool:
+    def __init__(
+        self,
+        addresses: tuple[str, ...],
+        transport: str,
+        on_message: OnMessage,
+        heartbeat_s: float = 1.0,
+        dead_after_s: float = 5.0,
+    ) -> None:
+        self.ctx = zmq.asyncio.Context.instance()
+        self.transport = transport
+        self.on_message = on_message
+        self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
+        self.links = [self._connect(a) for a in addresses]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _connect(self, address: str) -> EncoderLink:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        return EncoderLink(address, sock)
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._read(link)) for link in self.links]
+        self._tasks.append(asyncio.create_task(self._heartbeats()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in self.links:
+            link.sock.close(linger=0)
+
+    def pick(self) -> EncoderLink | None:
+        """The live encoder with the fewest requests in flight (None when none is up)."""
+        up = [link for link in self.links if link.state is LinkState.UP]
+        return min(up, key=lambda link: len(link.inflight)) if up else None
+
+    async def _read(self, link: EncoderLink) -> None:
+        while True:
+            data = await link.sock.recv()
+            link.last_seen = time.monotonic()
+            try:
+                msg = P.decode(data)
+            except P.ProtocolError as exc:
+                link.rejected += 1
+                log.warning("rejected a message from encoder %s: %s", link.address, exc)
+                continue
+            if isinstance(msg, (P.EncoderHello, P.Heartbeat)):
+                self._alive(link, msg)
+                continue
+            try:
+                self.on_message(link, msg)
+            except Exception:  # noqa: BLE001 - a handler bug must not kill the reader
+                log.exception("handling %s from %s failed", type(msg).__name__, link.address)
+
+    def _alive(self, link: EncoderLink, msg: P.EncoderHello | P.Heartbeat) -> None:
+        if isinstance(msg, P.EncoderHello):
+            link.encoder_id = msg.encoder_id
+            if msg.transport != self.transport:
+                log.error("encoder %s uses transport %s, this server %s: not using it",
+                          link.address, msg.transport, self.transport)  # fmt: skip
+                link.state = LinkState.INCOMPATIBLE
+                return
+            log.info("encoder %s (%s) is up", link.address, msg.encoder_id)
+        if link.state in (LinkState.CONNECTING, LinkState.DOWN) and link.encoder_id:
+            link.state = LinkState.UP
+
+    async def _heartbeats(self) -> None:
+        beat = P.Heartbeat(encoder_id="language", inflight=0, sent_at=0.0)
+        while True:
+            now = time.monotonic()
+            for link in self.links:
+                link.send(beat)
+                silent = now - link.last_seen if link.last_seen else None
+                if link.state is LinkState.UP and silent is not None and silent > self.dead_after_s:
+                    log.warning(
+                        "encoder %s silent for %.1f s: marking it down", link.address, silent
+                    )
+                    link.state = LinkState.DOWN
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def wait_until_up(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(link.state is LinkState.UP for link in self.links):
+                return True
+            await asyncio.sleep(0.05)
+        return False

@@ -1,0 +1,115 @@
+"""The reference generation engine: transformers' modules on one worker thread.
+
+Sequences are interleaved one step at a time (each active sequence advances by one token per
+round), so a new request's prefill does not wait for older requests to finish. Results leave
+through each job's ``emit`` callback, called on the worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from language_server.generate import SamplingParams, stream
+from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+
+log = logging.getLogger("epd.language.engine")
+
+Emit = Callable[[str, Any], None]  # ("token", id) | ("end", finish_reason) | ("error", message)
+
+
+@dataclass(eq=False)
+class GenJob:
+    input_ids: torch.Tensor  # [seq]
+    positions: torch.Tensor  # [3, seq]
+    params: SamplingParams
+    emit: Emit
+    input_embeds: torch.Tensor | None = None
+    input_deepstack_embeds: torch.Tensor | None = None
+    visual_mask: torch.Tensor | None = None
+    cancelled: bool = False
+    generated: int = 0
+    marks: dict[str, float] = field(default_factory=dict)
+    _tokens: Iterator[int] | None = None
+
+
+class Engine:
+    def __init__(self, model: Qwen3MoeForCausalLMWithDeepStack) -> None:
+        self.model = model
+        self._inbox: queue.SimpleQueue[GenJob | None] = queue.SimpleQueue()
+        self._active: list[GenJob] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def submit(self, job: GenJob) -> None:
+        """Queue ``job``; non-blocking. The job's tensors are owned by the engine from now on."""
+        job.marks["queued"] = time.perf_counter()
+        self._inbox.put(job)
+
+    def cancel(self, job: GenJob) -> None:
+        """Stop ``job`` at its next step (idempotent); it then emits nothing more."""
+        job.cancelled = True
+
+    def close(self) -> None:
+        self._stop = True
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            self._admit(block=not self._active)
+            for job in list(self._active):
+                self._step(job)
+
+    def _admit(self, block: bool) -> None:
+        try:
+            job = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while job is not None:
+                self._start(job)
+                job = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _start(self, job: GenJob) -> None:
+        job._tokens = stream(
+            self.model, job.input_ids, job.positions, job.params, job.input_embeds,
+            job.input_deepstack_embeds, job.visual_mask,
+        )  # fmt: skip
+        self._active.append(job)
+
+    def _step(self, job: GenJob) -> None:
+        if job.cancelled:
+            self._active.remove(job)
+            return
+        assert job._tokens is not None
+        try:
+            if job.generated == 0:
+                job.marks["prefill_start"] = time.perf_counter()
+            token = next(job._tokens)
+        except StopIteration:
+            self._active.remove(job)
+            done = job.generated >= job.params.max_new_tokens
+            job.emit("end", "length" if done else "stop")
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
+            log.exception("generation failed")
+            self._active.remove(job)
+            job.emit("error", f"{type(exc).__name__}: {exc}")
+            return
+        if job.generated == 0:
+            job.marks["first_token"] = time.perf_counter()
+        job.generated += 1
+        job.emit("token", token)

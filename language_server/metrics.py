@@ -1,0 +1,31 @@
+"""Prometheus metrics of one language server (its own registry, served at /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("epd_requests", "Chat requests by outcome", ["status"], registry=r)
+        self.ttft = Histogram(
+            "epd_ttft_seconds", "Time to first token", buckets=_LATENCY, registry=r
+        )
+        self.latency = Histogram(
+            "epd_request_seconds", "Whole request", buckets=_LATENCY, registry=r
+        )
+        self.transfer_bytes = Counter("epd_transfer_bytes", "Bytes received on the data plane",
+                                      registry=r)  # fmt: skip
+        self.transfer_seconds = Histogram("epd_transfer_seconds", "Data-plane write time per request",
+                                          buckets=_LATENCY, registry=r)  # fmt: skip
+        self.tokens = Counter("epd_generated_tokens", "Generated tokens", registry=r)
+        self.pool_free = Gauge("epd_pool_free_blocks", "Free receive blocks", registry=r)
+        self.pool_total = Gauge("epd_pool_blocks", "Receive blocks in the pool", registry=r)
+        self.pool_peak = Gauge(
+            "epd_pool_peak_used_blocks", "Most blocks in use at once", registry=r
+        )
+        self.waiting = Gauge("epd_alloc_waiting", "Requests waiting for blocks", registry=r)
