@@ -38,6 +38,7 @@ class EncoderLink:
     inflight: set[str] = field(default_factory=set)  # request ids we sent it, not yet finished
     last_seen: float = 0.0
     rejected: int = 0
+    served: int = 0  # requests whose rows arrived from it
 
     def send(self, msg: P.Message) -> None:
         """Queue one message (never blocks; ZeroMQ buffers while the peer is away)."""
@@ -53,6 +54,7 @@ class EncoderLink:
             "id": self.encoder_id,
             "state": self.state.value,
             "inflight": len(self.inflight),
+            "served": self.served,
             "last_seen_s": None if seen is None else round(seen, 3),
             "rejected_messages": self.rejected,
         }

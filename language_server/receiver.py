@@ -185,6 +185,7 @@ class Receiver:
         )
         self.pending.pop(req.rid, None)
         req.link.inflight.discard(req.rid)
+        req.link.served += 1
         try:
             req.on_ready(prompt, None)  # must copy the rows it needs before returning
         finally:
