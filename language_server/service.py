@@ -171,6 +171,9 @@ class ChatService:
             model, prompt.input_ids, prompt.visual_mask, prompt.embeds, prompt.deepstack
         )
         t = prompt.timings
+        n_vis = prompt.embeds.shape[0]
+        req.timings["visual_tokens"] = n_vis
+        req.timings["transfer_bytes"] = n_vis * self.receiver.buffers.bytes_per_token
         req.timings.update(queue_s=t.queue_s, preprocess_s=t.preprocess_s, vision_s=t.vision_s,
                            grant_wait_s=t.grant_wait_s, transfer_s=t.transfer_s)  # fmt: skip
         return GenJob(
