@@ -119,6 +119,7 @@ class EncodeServer:
                 dtype=self.dtype,  # type: ignore[arg-type]
                 input_ids=prompt.input_ids.tolist(),
                 positions=prompt.positions.tolist(),
+                image_grid_thw=prompt.image_grid_thw.tolist(),
             ),
         )
 

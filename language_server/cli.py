@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
     p.add_argument(
         "--served-model-name", default="", help="model id in the API (default: dir name)"
     )
+    p.add_argument("--engine", default="transformers", choices=["transformers", "sglang"],
+                   help="generation engine: the transformers reference, or SGLang in process")  # fmt: skip
     p.add_argument("--transport", default="mooncake", choices=["mooncake", "shm"],
                    help="data plane: mooncake (RDMA/TCP) or shm (same host)")  # fmt: skip
     p.add_argument("--mooncake-protocol", default="tcp", choices=["tcp", "rdma"],
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
     try:
         return LanguageConfig(
             model=a.model, encoders=tuple(a.encoder), host=a.host, port=a.port,
-            served_model_name=a.served_model_name, transport=a.transport,
+            served_model_name=a.served_model_name, engine=a.engine, transport=a.transport,
             mooncake_protocol=a.mooncake_protocol, mooncake_device=a.mooncake_device,
             advertise_host=a.advertise_host, device=a.device, dtype=a.dtype,
             num_blocks=a.num_blocks, block_tokens=a.block_tokens,
@@ -67,32 +69,49 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
         p.error(str(exc))
 
 
+def build_engine(config: LanguageConfig):
+    """The generation engine named by ``--engine``, with the language weights loaded."""
+    from transfer import DTYPES
+
+    if config.engine == "sglang":
+        from language_server.sglang_engine import SGLangEngine
+
+        return SGLangEngine.from_config(config)
+    from language_server.engine import Engine
+    from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+
+    dtype = DTYPES[config.dtype]
+    return Engine(
+        Qwen3MoeForCausalLMWithDeepStack.from_pretrained(config.model, config.device, dtype)
+    )
+
+
 def build_app(config: LanguageConfig):
     """Load the model, allocate and register the receive pool, wire the service; return the app."""
     from transformers import AutoConfig, AutoTokenizer
 
     from language_server.api import create_app
     from language_server.encoders import EncoderPool
-    from language_server.engine import Engine
     from language_server.metrics import Metrics
-    from language_server.model import Qwen3MoeForCausalLMWithDeepStack
     from language_server.receiver import Receiver
     from language_server.service import ChatService
     from transfer import DTYPES, MultimodalDataBuffers, make_receiver
 
     dtype = DTYPES[config.dtype]
-    model = Qwen3MoeForCausalLMWithDeepStack.from_pretrained(config.model, config.device, dtype)
+    engine = build_engine(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    image_token_id = AutoConfig.from_pretrained(config.model).image_token_id
+    full_config = AutoConfig.from_pretrained(config.model)
+    hidden = full_config.text_config.hidden_size
+    image_token_id = full_config.image_token_id
+    merge = full_config.vision_config.spatial_merge_size
     transport = make_receiver(config.transport, **config.receiver_options())
     buffers = MultimodalDataBuffers(config.num_blocks, config.block_tokens,
-                                    model.config.hidden_size, dtype, transport, config.device)  # fmt: skip
+                                    hidden, dtype, transport, config.device)  # fmt: skip
     receiver = Receiver(
-        buffers, image_token_id, config.max_waiting_allocs, config.max_prompt_tokens
+        buffers, image_token_id, config.max_waiting_allocs, config.max_prompt_tokens, merge
     )
     encoders = EncoderPool(config.encoders, config.transport, receiver.on_message,
                            config.heartbeat_s, config.encoder_dead_after_s)  # fmt: skip
-    engine = Engine(model)
     service = ChatService(config, engine, tokenizer, receiver, encoders)
     log = logging.getLogger("epd.language")
     log.info("receive pool: %d blocks x %d tokens, %.1f MiB, transport %s session %s",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transfer import BACKENDS, DTYPES
 
+ENGINES = ("transformers", "sglang")
+
 
 @dataclass(frozen=True, slots=True)
 class LanguageConfig:
@@ -16,6 +18,7 @@ class LanguageConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str = ""  # default: the checkpoint directory's name
+    engine: str = "transformers"  # or "sglang" (SGLang's engine in process)
     transport: str = "mooncake"
     mooncake_protocol: str = "tcp"
     mooncake_device: str = ""
@@ -40,6 +43,8 @@ class LanguageConfig:
         for addr in self.encoders:
             if not addr.startswith(("tcp://", "ipc://")):
                 raise ValueError(f"--encoder {addr!r} must look like tcp://HOST:PORT")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {ENGINES}")
         if self.transport not in BACKENDS:
             raise ValueError(f"--transport must be one of {sorted(BACKENDS)}")
         if self.dtype not in DTYPES:

@@ -1,8 +1,9 @@
-"""The reference generation engine: transformers' modules on one worker thread.
+"""Generation engines: the contract the service drives, and the reference engine.
 
-Sequences are interleaved one step at a time (each active sequence advances by one token per
-round), so a new request's prefill does not wait for older requests to finish. Results leave
-through each job's ``emit`` callback, called on the worker thread.
+``EngineBase`` is what ``ChatService`` needs from an engine (the reference engine here, or
+SGLang's). ``Engine`` runs transformers' modules on one worker thread; sequences are
+interleaved one step at a time (each active sequence advances by one token per round), so a new
+request's prefill does not wait for older requests to finish.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import logging
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from language_server.generate import SamplingParams, stream
+from language_server.generate import SamplingParams, build_input_embeds, stream
 from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+from language_server.receiver import ReceivedPrompt
 
 log = logging.getLogger("epd.language.engine")
 
@@ -34,13 +37,55 @@ class GenJob:
     input_embeds: torch.Tensor | None = None
     input_deepstack_embeds: torch.Tensor | None = None
     visual_mask: torch.Tensor | None = None
+    payload: Any = None  # engine-specific inputs
     cancelled: bool = False
     generated: int = 0
     marks: dict[str, float] = field(default_factory=dict)
     _tokens: Iterator[int] | None = None
 
 
-class Engine:
+class EngineBase(ABC):
+    """What the language service needs from a generation engine.
+
+    Called from the asyncio loop; no method blocks. Every job ends with exactly one ``emit`` of
+    "end" or "error" (after its "token" events), unless it was cancelled first.
+    """
+
+    @abstractmethod
+    def job_for_text(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, params: SamplingParams, emit: Emit
+    ) -> GenJob:
+        """A job for a prompt without images (``positions`` [3, seq])."""
+
+    @abstractmethod
+    def job_for_image(self, prompt: ReceivedPrompt, params: SamplingParams, emit: Emit) -> GenJob:
+        """A job for a prompt whose visual rows arrived.
+
+        ``prompt.embeds`` / ``prompt.deepstack`` are views into the receive pool, whose blocks
+        are freed as soon as this returns: copy what the job needs before returning.
+        """
+
+    @abstractmethod
+    def submit(self, job: GenJob) -> None:
+        """Queue ``job``; the engine owns its tensors from now on."""
+
+    @abstractmethod
+    def cancel(self, job: GenJob) -> None:
+        """Stop ``job`` soon; it emits nothing more. Idempotent."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the engine and free its resources."""
+
+    @property
+    @abstractmethod
+    def active(self) -> int:
+        """Sequences being generated now."""
+
+
+class Engine(EngineBase):
+    """The reference engine: ``Qwen3MoeForCausalLMWithDeepStack`` on transformers' modules."""
+
     def __init__(self, model: Qwen3MoeForCausalLMWithDeepStack) -> None:
         self.model = model
         self._inbox: queue.SimpleQueue[GenJob | None] = queue.SimpleQueue()
@@ -53,13 +98,24 @@ class Engine:
     def active(self) -> int:
         return len(self._active)
 
+    def job_for_text(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, params: SamplingParams, emit: Emit
+    ) -> GenJob:
+        return GenJob(input_ids, positions, params, emit)
+
+    def job_for_image(self, prompt: ReceivedPrompt, params: SamplingParams, emit: Emit) -> GenJob:
+        # One copy: the visual rows go into the sequence's [seq, H] / [seq, 3H] inputs.
+        embeds, deepstack = build_input_embeds(
+            self.model, prompt.input_ids, prompt.visual_mask, prompt.embeds, prompt.deepstack
+        )
+        mask = prompt.visual_mask.to(self.model.device)
+        return GenJob(prompt.input_ids, prompt.positions, params, emit, embeds, deepstack, mask)
+
     def submit(self, job: GenJob) -> None:
-        """Queue ``job``; non-blocking. The job's tensors are owned by the engine from now on."""
         job.marks["queued"] = time.perf_counter()
         self._inbox.put(job)
 
     def cancel(self, job: GenJob) -> None:
-        """Stop ``job`` at its next step (idempotent); it then emits nothing more."""
         job.cancelled = True
 
     def close(self) -> None:

@@ -42,6 +42,7 @@ class ReceivedPrompt:
     visual_mask: torch.Tensor  # [seq] bool
     embeds: torch.Tensor  # [n_vis, H]: views into the pool, valid only inside on_ready
     deepstack: torch.Tensor  # [n_vis, 3H]
+    image_grid_thw: torch.Tensor  # [n_images, 3]
     timings: P.EncodeTimings
 
 
@@ -65,8 +66,10 @@ class Receiver:
         image_token_id: int,
         max_waiting: int = 64,
         max_prompt_tokens: int = 1 << 20,
+        merge_size: int = 2,
     ) -> None:
         self.buffers = buffers
+        self.merge_size = merge_size
         self.max_prompt_tokens = max_prompt_tokens
         self.image_token_id = image_token_id
         self.max_waiting = max_waiting
@@ -133,6 +136,9 @@ class Receiver:
         n_image = sum(1 for t in msg.input_ids if t == self.image_token_id)
         if n_image != msg.n_tokens:
             return f"{msg.n_tokens} visual tokens announced, the prompt has {n_image} image pads"
+        grid_tokens = sum(t * h * w for t, h, w in msg.image_grid_thw) // self.merge_size**2
+        if grid_tokens != msg.n_tokens:
+            return f"image grids hold {grid_tokens} visual tokens, {msg.n_tokens} announced"
         return ""
 
     def _grant(self, req: Pending, blocks: list[int]) -> None:
@@ -181,6 +187,7 @@ class Receiver:
             visual_mask=ids == self.image_token_id,
             embeds=embeds,
             deepstack=deepstack,
+            image_grid_thw=torch.tensor(alloc.image_grid_thw, dtype=torch.long).reshape(-1, 3),
             timings=msg.timings,
         )
         self.pending.pop(req.rid, None)

@@ -21,8 +21,8 @@ import torch
 import protocol as P
 from language_server.config import LanguageConfig
 from language_server.encoders import EncoderPool
-from language_server.engine import Engine, GenJob
-from language_server.generate import SamplingParams, build_input_embeds
+from language_server.engine import EngineBase, GenJob
+from language_server.generate import SamplingParams
 from language_server.receiver import Pending, ReceivedPrompt, Receiver, RequestError
 from protocol.chat import ImageSourcePolicy, to_messages, to_turns
 
@@ -54,7 +54,7 @@ class Running:
 
 
 class ChatService:
-    def __init__(self, config: LanguageConfig, engine: Engine, tokenizer: Any,
+    def __init__(self, config: LanguageConfig, engine: EngineBase, tokenizer: Any,
                  receiver: Receiver, encoders: EncoderPool) -> None:  # fmt: skip
         self.config, self.engine, self.tokenizer = config, engine, tokenizer
         self.receiver, self.encoders = receiver, encoders
@@ -126,7 +126,7 @@ class ChatService:
         )
         ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
         positions = torch.arange(len(ids)).expand(3, -1).contiguous()
-        return GenJob(ids, positions, req.params, emit)
+        return self.engine.job_for_text(ids, positions, req.params, emit)
 
     async def _encode(self, req: ChatRequest, emit) -> GenJob:
         link = self.encoders.pick()
@@ -165,21 +165,14 @@ class ChatService:
             req.marks.update(pending.marks)
 
     def _image_job(self, req: ChatRequest, prompt: ReceivedPrompt, emit) -> GenJob:
-        """Copy the received rows out of the pool into the model's inputs (blocks free after)."""
-        model = self.engine.model
-        embeds, deepstack = build_input_embeds(
-            model, prompt.input_ids, prompt.visual_mask, prompt.embeds, prompt.deepstack
-        )
+        """The engine copies the received rows out of the pool; the blocks are freed after."""
         t = prompt.timings
         n_vis = prompt.embeds.shape[0]
         req.timings["visual_tokens"] = n_vis
         req.timings["transfer_bytes"] = n_vis * self.receiver.buffers.bytes_per_token
         req.timings.update(queue_s=t.queue_s, preprocess_s=t.preprocess_s, vision_s=t.vision_s,
                            grant_wait_s=t.grant_wait_s, transfer_s=t.transfer_s)  # fmt: skip
-        return GenJob(
-            prompt.input_ids, prompt.positions, req.params, emit, input_embeds=embeds,
-            input_deepstack_embeds=deepstack, visual_mask=prompt.visual_mask.to(model.device),
-        )  # fmt: skip
+        return self.engine.job_for_image(prompt, req.params, emit)
 
     async def tokens(self, run: Running) -> AsyncIterator[int]:
         """Yield generated token ids; sets ``run.request.timings``; cancels the job if closed."""

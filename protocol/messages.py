@@ -159,6 +159,12 @@ class AllocRequest(Message, frozen=True, kw_only=True, tag="alloc"):
         list[Annotated[list[Position], msgspec.Meta(max_length=MAX_SEQ_TOKENS)]],
         msgspec.Meta(min_length=3, max_length=3),
     ]
+    # [t, h, w] patch grid of each image, in prompt order (engines such as SGLang need it)
+    image_grid_thw: Annotated[
+        list[Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]],
+                       msgspec.Meta(min_length=3, max_length=3)]],
+        msgspec.Meta(max_length=MAX_IMAGES),
+    ] = []  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
