@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
                    help="seconds to wait for blocks before failing a request")  # fmt: skip
     p.add_argument("--transfer-timeout", type=float, default=d["transfer_timeout_s"].default,
                    help="seconds a transfer may take before it is failed")  # fmt: skip
+    p.add_argument("--peer-timeout", type=float, default=d["peer_timeout_s"].default,
+                   help="seconds of silence after which a language server's work is dropped")  # fmt: skip
+    p.add_argument("--curve-keys", type=Path, default=None,
+                   help="secret CURVE certificate of this encoder (from epd-keys); turns on "
+                   "authentication and encryption (env: EPD_CURVE_SECRET_KEY)")  # fmt: skip
+    p.add_argument("--curve-clients", type=Path, default=None,
+                   help="directory of authorized language-server public keys")  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
     try:
@@ -50,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
             mooncake_device=a.mooncake_device, advertise_host=a.advertise_host, device=a.device,
             dtype=a.dtype, max_batch_images=a.max_batch_images, max_batch_tokens=a.max_batch_tokens,
             grant_timeout_s=a.grant_timeout, transfer_timeout_s=a.transfer_timeout,
+            peer_timeout_s=a.peer_timeout, curve_keys=a.curve_keys, curve_clients=a.curve_clients,
             log_level=a.log_level,
         )  # fmt: skip
     except ValueError as exc:

@@ -25,7 +25,9 @@ class EncodeConfig:
     max_batch_tokens: int = 16384
     grant_timeout_s: float = 30.0
     transfer_timeout_s: float = 60.0
-    heartbeat_s: float = 1.0
+    peer_timeout_s: float = 10.0  # a language server silent this long is gone: drop its work
+    curve_keys: Path | None = None  # this encoder's secret certificate (CURVE on when set)
+    curve_clients: Path | None = None  # directory of authorized language-server public keys
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -39,7 +41,7 @@ class EncodeConfig:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
         if self.max_batch_images < 1 or self.max_batch_tokens < 1:
             raise ValueError("--max-batch-images and --max-batch-tokens must be >= 1")
-        if min(self.grant_timeout_s, self.transfer_timeout_s, self.heartbeat_s) <= 0:
+        if min(self.grant_timeout_s, self.transfer_timeout_s, self.peer_timeout_s) <= 0:
             raise ValueError("timeouts and the heartbeat interval must be > 0")
 
     @property

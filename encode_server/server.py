@@ -14,12 +14,14 @@ import threading
 import time
 
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 import protocol as P
 from encode_server.config import EncodeConfig
 from encode_server.jobs import Job, Stage
 from encode_server.vision import VisionEncoder
 from protocol.chat import to_messages
+from protocol.keys import server_keys
 from transfer import Destination, TransferError, TransferSender, TransferState, rows_checksum
 
 log = logging.getLogger("epd.encode")
@@ -33,9 +35,11 @@ class EncodeServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.auth = _secure(self.ctx, self.sock, config)
         self.sock.bind(config.bind_address)
         self.jobs: dict[str, Job] = {}
-        self.peers: set[bytes] = set()
+        self.hello_sent: set[bytes] = set()
+        self.peers: dict[bytes, float] = {}  # language servers: identity -> last heard from
         self.stats = {"requests": 0, "done": 0, "failed": 0, "rejected_messages": 0}
 
     # --- loop -------------------------------------------------------------------------------
@@ -56,6 +60,8 @@ class EncodeServer:
         for job in list(self.jobs.values()):
             self._finish(job)
         self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
 
     # --- receive ----------------------------------------------------------------------------
 
@@ -71,6 +77,7 @@ class EncodeServer:
                 self._reject(frames[0] if frames else b"", f"{len(frames)} frames, expected 2")
                 continue
             peer, data = frames
+            self.peers[peer] = time.monotonic()
             try:
                 msg = P.decode(data)
             except P.ProtocolError as exc:
@@ -159,8 +166,8 @@ class EncodeServer:
             self._finish(job)
 
     def on_heartbeat(self, peer: bytes) -> None:
-        if peer not in self.peers:
-            self.peers.add(peer)
+        if peer not in self.hello_sent:
+            self.hello_sent.add(peer)
             hello = P.EncoderHello(
                 encoder_id=self.config.name, transport=self.sender.name, session=self.config.name
             )
@@ -248,19 +255,30 @@ class EncodeServer:
         )
 
     def expire(self) -> None:
+        """Fail jobs past their deadline; drop everything of language servers gone silent."""
         now = time.perf_counter()
         for job in [j for j in self.jobs.values() if j.deadline and now > j.deadline]:
             stage = "transfer" if job.stage is Stage.TRANSFERRING else "alloc"
             self._fail(job, stage, f"timed out in {job.stage.value}")  # type: ignore[arg-type]
+        silent_since = time.monotonic() - self.config.peer_timeout_s
+        for peer in [p for p, seen in self.peers.items() if seen < silent_since]:
+            dropped = [j for j in self.jobs.values() if j.peer == peer]
+            for job in dropped:
+                self._finish(job)
+            del self.peers[peer]
+            self.hello_sent.discard(peer)
+            log.warning("language server %s silent for %.0f s: dropped its %d requests",
+                        peer.hex()[:12], self.config.peer_timeout_s, len(dropped))  # fmt: skip
 
     # --- helpers ----------------------------------------------------------------------------
 
     def _fail(self, job: Job, stage: str, reason: str) -> None:
+        """Report ``job`` failed, after its transfer has stopped touching the peer's blocks."""
         log.warning("request %s failed at %s: %s", job.rid, stage, reason)
         self.stats["failed"] += 1
+        self._finish(job)
         msg = P.EncodeFailed(rid=job.rid, generation=job.generation, stage=stage, reason=reason)  # type: ignore[arg-type]
         self._send(job.peer, msg)
-        self._finish(job)
 
     def _finish(self, job: Job) -> None:
         """Forget ``job`` and free what it holds (transfer state, source tensors)."""
@@ -277,3 +295,19 @@ class EncodeServer:
     def _reject(self, peer: bytes, reason: str) -> None:
         self.stats["rejected_messages"] += 1
         log.warning("rejected a message from %s: %s", peer.hex()[:12] or "?", reason)
+
+
+def _secure(ctx: zmq.Context, sock: zmq.Socket, config: EncodeConfig) -> ThreadAuthenticator | None:
+    """Make ``sock`` a CURVE server that admits only authorized clients (when keys are set)."""
+    keys = server_keys(config.curve_keys, config.curve_clients)
+    if keys is None:
+        log.warning("control plane is NOT authenticated (no CURVE keys); bound to %s",
+                    config.bind_address)  # fmt: skip
+        return None
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(keys.clients_dir))
+    sock.curve_secretkey, sock.curve_publickey = keys.secret, keys.public
+    sock.curve_server = True
+    log.info("control plane: CURVE on, clients authorized from %s", keys.clients_dir)
+    return auth

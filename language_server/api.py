@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from language_server.metrics import Metrics
-from language_server.receiver import RequestError
+from language_server.requests import RequestError
 from language_server.service import ChatService, Running
 from language_server.text import Detokenizer
 
@@ -57,11 +57,17 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
                 "total_blocks": buffers.num_blocks,
                 "block_tokens": buffers.block_tokens,
                 "peak_used_blocks": receiver.peak_used,
+                "quarantined_blocks": receiver.quarantined_blocks,
                 "waiting_requests": len(receiver.waiting),
                 "pending_requests": len(receiver.pending),
-            },  # fmt: skip
+            },
             "encoders": links,
             "engine": {"active": service.engine.active},
+            "requests": {
+                "inflight": service.inflight,
+                "redispatched": service.dispatcher.redispatched,
+                "dropped_messages": receiver.dropped_messages,
+            },
         }
 
     @app.get("/metrics")

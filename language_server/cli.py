@@ -44,6 +44,16 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    help="visual tokens per block")  # fmt: skip
     p.add_argument("--max-waiting-allocs", type=int, default=d["max_waiting_allocs"].default,
                    help="requests that may wait for free blocks before 503")  # fmt: skip
+    p.add_argument("--alloc-wait", type=float, default=d["alloc_wait_s"].default,
+                   help="seconds a request may wait for free blocks before 503")  # fmt: skip
+    p.add_argument("--quarantine", type=float, default=d["quarantine_s"].default,
+                   help="seconds before blocks of a failed in-flight transfer are reused")  # fmt: skip
+    p.add_argument("--max-inflight", type=int, default=d["max_inflight"].default,
+                   help="HTTP requests in flight before new ones get 503")  # fmt: skip
+    p.add_argument("--heartbeat", type=float, default=d["heartbeat_s"].default,
+                   help="seconds between heartbeats to each encoder")  # fmt: skip
+    p.add_argument("--encoder-dead-after", type=float, default=d["encoder_dead_after_s"].default,
+                   help="seconds of encoder silence before its requests move elsewhere")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=d["request_timeout_s"].default,
                    help="seconds from sending a request to an encoder to its rows arriving")  # fmt: skip
     p.add_argument("--max-images", type=int, default=d["max_images"].default,
@@ -52,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    help="prompt tokens at most (after image expansion)")  # fmt: skip
     p.add_argument("--no-local-images", action="store_true",
                    help="refuse image paths on this host; only data: URLs")  # fmt: skip
+    p.add_argument("--curve-keys", type=Path, default=None,
+                   help="secret CURVE certificate of this server (from epd-keys); with "
+                   "--curve-server-key it authenticates and encrypts the control plane")  # fmt: skip
+    p.add_argument("--curve-server-key", type=Path, default=None,
+                   help="the encoders' public CURVE certificate (env: EPD_CURVE_SERVER_KEY)")  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
     try:
@@ -61,9 +76,12 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
             mooncake_protocol=a.mooncake_protocol, mooncake_device=a.mooncake_device,
             advertise_host=a.advertise_host, device=a.device, dtype=a.dtype,
             num_blocks=a.num_blocks, block_tokens=a.block_tokens,
-            max_waiting_allocs=a.max_waiting_allocs, request_timeout_s=a.request_timeout,
+            max_waiting_allocs=a.max_waiting_allocs, alloc_wait_s=a.alloc_wait,
+            quarantine_s=a.quarantine, max_inflight=a.max_inflight, heartbeat_s=a.heartbeat,
+            encoder_dead_after_s=a.encoder_dead_after, request_timeout_s=a.request_timeout,
             max_images=a.max_images, max_prompt_tokens=a.max_prompt_tokens,
             allow_local_images=not a.no_local_images, log_level=a.log_level,
+            curve_keys=a.curve_keys, curve_server_key=a.curve_server_key,
         )  # fmt: skip
     except ValueError as exc:
         p.error(str(exc))
@@ -95,6 +113,7 @@ def build_app(config: LanguageConfig):
     from language_server.metrics import Metrics
     from language_server.receiver import Receiver
     from language_server.service import ChatService
+    from protocol.keys import client_keys
     from transfer import DTYPES, MultimodalDataBuffers, make_receiver
 
     dtype = DTYPES[config.dtype]
@@ -107,11 +126,11 @@ def build_app(config: LanguageConfig):
     transport = make_receiver(config.transport, **config.receiver_options())
     buffers = MultimodalDataBuffers(config.num_blocks, config.block_tokens,
                                     hidden, dtype, transport, config.device)  # fmt: skip
-    receiver = Receiver(
-        buffers, image_token_id, config.max_waiting_allocs, config.max_prompt_tokens, merge
-    )
+    receiver = Receiver(buffers, image_token_id, config.max_waiting_allocs,
+                        config.max_prompt_tokens, merge, config.alloc_wait_s, config.quarantine_s)  # fmt: skip
+    keys = client_keys(config.curve_keys, config.curve_server_key)
     encoders = EncoderPool(config.encoders, config.transport, receiver.on_message,
-                           config.heartbeat_s, config.encoder_dead_after_s)  # fmt: skip
+                           config.heartbeat_s, config.encoder_dead_after_s, keys)  # fmt: skip
     service = ChatService(config, engine, tokenizer, receiver, encoders)
     log = logging.getLogger("epd.language")
     log.info("receive pool: %d blocks x %d tokens, %.1f MiB, transport %s session %s",
@@ -121,9 +140,9 @@ def build_app(config: LanguageConfig):
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        encoders.start()
+        await service.startup()
         yield
-        await encoders.stop()
+        await service.shutdown()
         engine.close()
         transport.close()
 

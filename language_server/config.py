@@ -28,6 +28,9 @@ class LanguageConfig:
     num_blocks: int = 256
     block_tokens: int = 64
     max_waiting_allocs: int = 64  # requests queued for blocks when the pool is full
+    alloc_wait_s: float = 10.0  # how long a request may wait for blocks before 503
+    quarantine_s: float = 10.0  # blocks of a request whose encoder may still write wait this long
+    max_inflight: int = 256  # HTTP requests in flight before 503
     request_timeout_s: float = 60.0  # EncodeRequest -> TransferDone
     heartbeat_s: float = 1.0
     encoder_dead_after_s: float = 5.0
@@ -35,6 +38,8 @@ class LanguageConfig:
     max_prompt_tokens: int = 32768
     max_images: int = 16
     allow_local_images: bool = True
+    curve_keys: Path | None = None  # this server's secret certificate (CURVE on when set)
+    curve_server_key: Path | None = None  # the encoders' public certificate
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -53,6 +58,8 @@ class LanguageConfig:
             raise ValueError("--num-blocks, --block-tokens and --max-images must be >= 1")
         if self.max_waiting_allocs < 0:
             raise ValueError("--max-waiting-allocs must be >= 0")
+        if self.max_inflight < 1 or min(self.alloc_wait_s, self.quarantine_s) < 0:
+            raise ValueError("--max-inflight must be >= 1; --alloc-wait, --quarantine >= 0")
         if min(self.request_timeout_s, self.heartbeat_s, self.encoder_dead_after_s) <= 0:
             raise ValueError("timeouts must be > 0")
 

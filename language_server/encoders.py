@@ -18,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 import protocol as P
+from protocol.keys import CurveKeys
 
 log = logging.getLogger("epd.language.encoders")
 
@@ -40,12 +41,15 @@ class EncoderLink:
     rejected: int = 0
     served: int = 0  # requests whose rows arrived from it
 
-    def send(self, msg: P.Message) -> None:
-        """Queue one message (never blocks; ZeroMQ buffers while the peer is away)."""
+    def send(self, msg: P.Message, quiet: bool = False) -> bool:
+        """Send one message without blocking; False when the encoder is not connected."""
         try:
             self.sock.send(P.encode(msg), zmq.NOBLOCK)
+            return True
         except zmq.ZMQError as exc:
-            log.warning("cannot send %s to %s: %s", type(msg).__name__, self.address, exc)
+            if not quiet:
+                log.warning("cannot send %s to %s: %s", type(msg).__name__, self.address, exc)
+            return False
 
     def describe(self) -> dict[str, object]:
         seen = time.monotonic() - self.last_seen if self.last_seen else None
@@ -71,17 +75,24 @@ class EncoderPool:
         on_message: OnMessage,
         heartbeat_s: float = 1.0,
         dead_after_s: float = 5.0,
+        keys: CurveKeys | None = None,
     ) -> None:
         self.ctx = zmq.asyncio.Context.instance()
+        self.keys = keys
         self.transport = transport
         self.on_message = on_message
         self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
         self.links = [self._connect(a) for a in addresses]
+        self.on_down: Callable[[EncoderLink], None] = lambda link: None
         self._tasks: list[asyncio.Task[None]] = []
 
     def _connect(self, address: str) -> EncoderLink:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for an encoder that is not connected
+        if self.keys is not None:
+            sock.curve_secretkey, sock.curve_publickey = self.keys.secret, self.keys.public
+            sock.curve_serverkey = self.keys.server_public
         sock.connect(address)
         return EncoderLink(address, sock)
 
@@ -136,7 +147,7 @@ class EncoderPool:
         while True:
             now = time.monotonic()
             for link in self.links:
-                link.send(beat)
+                link.send(beat, quiet=True)
                 silent = now - link.last_seen if link.last_seen else None
                 if link.state is LinkState.UP and silent is not None and silent > self.dead_after_s:
                     log.warning(

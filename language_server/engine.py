@@ -21,7 +21,7 @@ import torch
 
 from language_server.generate import SamplingParams, build_input_embeds, stream
 from language_server.model import Qwen3MoeForCausalLMWithDeepStack
-from language_server.receiver import ReceivedPrompt
+from language_server.requests import ReceivedPrompt
 
 log = logging.getLogger("epd.language.engine")
 

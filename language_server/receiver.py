@@ -2,9 +2,13 @@
 
 Owns ``MultimodalDataBuffers``. Runs on the asyncio loop (not thread-safe). Every message from an
 encoder is checked against what this side asked for and granted: the request id must be one we
-sent to that encoder, sizes and dtype must match the pool, a TransferDone must carry the grant's
-generation (a fresh nonce per grant, so a late message can never claim reused blocks), and the
-received rows must match the sender's checksum. Blocks go back to the pool on every path.
+sent to that encoder, sizes, dtype and image grids must match, a TransferDone must carry the
+grant's generation (a fresh random nonce per grant, so a late message can never claim reused
+blocks), and the received rows must match the sender's checksum.
+
+Blocks go back to the pool on every path. When a request ends while its encoder may still be
+writing (timeout, encoder gone), its blocks are quarantined for ``quarantine_s`` before reuse,
+so a late write can never land in another request's rows.
 """
 
 from __future__ import annotations
@@ -13,50 +17,15 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 import protocol as P
+from language_server.requests import Pending, ReceivedPrompt, RequestError
 from transfer import MultimodalDataBuffers, dtype_name, rows_checksum
 
 log = logging.getLogger("epd.language.receiver")
-
-
-class RequestError(Exception):
-    """A request failed; ``status`` is the HTTP status the client gets."""
-
-    def __init__(self, status: int, message: str, retry_after_s: float = 0.0) -> None:
-        super().__init__(message)
-        self.status, self.message, self.retry_after_s = status, message, retry_after_s
-
-
-@dataclass(frozen=True)
-class ReceivedPrompt:
-    """A prompt whose visual rows have arrived: everything the engine needs."""
-
-    input_ids: torch.Tensor  # [seq]
-    positions: torch.Tensor  # [3, seq]
-    visual_mask: torch.Tensor  # [seq] bool
-    embeds: torch.Tensor  # [n_vis, H]: views into the pool, valid only inside on_ready
-    deepstack: torch.Tensor  # [n_vis, 3H]
-    image_grid_thw: torch.Tensor  # [n_images, 3]
-    timings: P.EncodeTimings
-
-
-@dataclass(eq=False)
-class Pending:
-    """One request between EncodeRequest and TransferDone."""
-
-    rid: str
-    link: Any  # the EncoderLink it was sent to
-    on_ready: Callable[[ReceivedPrompt | None, RequestError | None], None]
-    alloc: P.AllocRequest | None = None
-    blocks: list[int] | None = None
-    generation: int = 0
-    marks: dict[str, float] = field(default_factory=dict)
 
 
 class Receiver:
@@ -67,22 +36,28 @@ class Receiver:
         max_waiting: int = 64,
         max_prompt_tokens: int = 1 << 20,
         merge_size: int = 2,
+        alloc_wait_s: float = 10.0,
+        quarantine_s: float = 10.0,
     ) -> None:
         self.buffers = buffers
-        self.merge_size = merge_size
-        self.max_prompt_tokens = max_prompt_tokens
-        self.image_token_id = image_token_id
-        self.max_waiting = max_waiting
+        self.image_token_id, self.merge_size = image_token_id, merge_size
+        self.max_waiting, self.max_prompt_tokens = max_waiting, max_prompt_tokens
+        self.alloc_wait_s, self.quarantine_s = alloc_wait_s, quarantine_s
         self.dtype = dtype_name(buffers.dtype)
         self.pending: dict[str, Pending] = {}
         self.waiting: deque[Pending] = deque()  # have an AllocRequest, wait for free blocks
+        self.quarantine: deque[tuple[float, list[int]]] = deque()
         self.peak_used = 0
-        self.bytes_received = 0
+        self.dropped_messages = 0
+
+    @property
+    def quarantined_blocks(self) -> int:
+        return sum(len(blocks) for _, blocks in self.quarantine)
 
     def expect(self, pending: Pending) -> None:
         """Register a request about to be sent to ``pending.link``."""
         self.pending[pending.rid] = pending
-        pending.marks["sent"] = time.perf_counter()
+        pending.marks.setdefault("sent", time.perf_counter())
 
     # --- messages from encoders -------------------------------------------------------------
 
@@ -90,17 +65,24 @@ class Receiver:
         rid = getattr(msg, "rid", None)
         req = self.pending.get(rid) if rid else None
         if req is None or req.link is not link:
+            self.dropped_messages += 1
             log.warning("%s for unknown request %s from %s: dropped", type(msg).__name__, rid,
                         getattr(link, "address", "?"))  # fmt: skip
+            if isinstance(msg, P.AllocRequest):  # let the encoder drop it now, not at its timeout
+                link.send(P.AllocDenied(rid=msg.rid, code="unknown_request", reason="not ours"))
             return
         if isinstance(msg, P.AllocRequest):
             self._on_alloc(req, msg)
         elif isinstance(msg, P.TransferDone):
             self._on_done(req, msg)
         elif isinstance(msg, P.EncodeFailed):
+            # The encoder stopped its transfer before saying so: blocks can be reused at once.
+            self._free_now(req.blocks)
+            req.blocks = None
             status = 400 if msg.stage == "preprocess" else 502
             self.fail(req, RequestError(status, f"encoder failed at {msg.stage}: {msg.reason}"))
         else:
+            self.dropped_messages += 1
             log.warning("unexpected %s from %s", type(msg).__name__, getattr(link, "address", "?"))
 
     def _on_alloc(self, req: Pending, msg: P.AllocRequest) -> None:
@@ -111,26 +93,29 @@ class Receiver:
                 req, RequestError(502, f"bad allocation request: {problem}"), deny="bad_request"
             )
             return
+        if len(msg.input_ids) > self.max_prompt_tokens:
+            err = RequestError(400, f"prompt has {len(msg.input_ids)} tokens, the limit is "
+                               f"{self.max_prompt_tokens}")  # fmt: skip
+            self.fail(req, err, deny="bad_request")
+            return
         req.alloc = msg
         try:
             blocks = self.buffers.alloc(msg.n_tokens)
         except ValueError as exc:  # can never fit
             self.fail(req, RequestError(413, str(exc)), deny="too_large")
             return
-        if blocks is None:
-            if len(self.waiting) >= self.max_waiting:
-                err = RequestError(503, "receive buffers are full; retry later", retry_after_s=1.0)
-                self.fail(req, err, deny="pool_full")
-                return
+        if blocks is not None:
+            self._grant(req, blocks)
+        elif len(self.waiting) >= self.max_waiting:
+            err = RequestError(503, "receive buffers are full; retry later", retry_after_s=1.0)
+            self.fail(req, err, deny="pool_full")
+        else:
+            req.waiting_since = time.monotonic()
             self.waiting.append(req)
-            return
-        self._grant(req, blocks)
 
     def _check_alloc(self, req: Pending, msg: P.AllocRequest) -> str:
         if req.alloc is not None:
             return "duplicate AllocRequest"
-        if len(msg.input_ids) > self.max_prompt_tokens:
-            return f"prompt has {len(msg.input_ids)} tokens, the limit is {self.max_prompt_tokens}"
         if msg.hidden != self.buffers.hidden or msg.dtype != self.dtype:
             return f"rows are {msg.dtype} x {msg.hidden}, the pool {self.dtype} x {self.buffers.hidden}"
         n_image = sum(1 for t in msg.input_ids if t == self.image_token_id)
@@ -143,9 +128,8 @@ class Receiver:
 
     def _grant(self, req: Pending, blocks: list[int]) -> None:
         assert req.alloc is not None
-        req.blocks, req.generation = blocks, secrets.randbits(63)
-        used = self.buffers.num_blocks - self.buffers.num_free
-        self.peak_used = max(self.peak_used, used)
+        req.blocks, req.generation, req.waiting_since = blocks, secrets.randbits(63), 0.0
+        self.peak_used = max(self.peak_used, self.buffers.num_blocks - self.buffers.num_free)
         where = self.buffers.describe(blocks)
         req.marks["granted"] = time.perf_counter()
         req.link.send(
@@ -164,8 +148,9 @@ class Receiver:
         )
 
     def _on_done(self, req: Pending, msg: P.TransferDone) -> None:
-        alloc = req.alloc
-        if req.blocks is None or alloc is None or msg.generation != req.generation:
+        alloc, blocks = req.alloc, req.blocks
+        if blocks is None or alloc is None or msg.generation != req.generation:
+            self.dropped_messages += 1
             log.warning("stale or unexpected TransferDone for %s (generation %d): ignored",
                         req.rid, msg.generation)  # fmt: skip
             return
@@ -174,12 +159,11 @@ class Receiver:
                 req, RequestError(502, f"{msg.n_tokens} rows reported, {alloc.n_tokens} granted")
             )
             return
-        embeds, deepstack = self.buffers.gather(req.blocks, alloc.n_tokens)
+        embeds, deepstack = self.buffers.gather(blocks, alloc.n_tokens)
         if rows_checksum(embeds, deepstack, self.buffers.block_tokens) != msg.checksum:
             self.fail(req, RequestError(502, "received rows do not match the sender's checksum"))
             return
         req.marks["done_received"] = time.perf_counter()
-        self.bytes_received += alloc.n_tokens * self.buffers.bytes_per_token
         ids = torch.tensor(alloc.input_ids, dtype=torch.long)
         prompt = ReceivedPrompt(
             input_ids=ids,
@@ -190,42 +174,70 @@ class Receiver:
             image_grid_thw=torch.tensor(alloc.image_grid_thw, dtype=torch.long).reshape(-1, 3),
             timings=msg.timings,
         )
-        self.pending.pop(req.rid, None)
-        req.link.inflight.discard(req.rid)
+        self._forget(req)
         req.link.served += 1
+        req.blocks = None
         try:
             req.on_ready(prompt, None)  # must copy the rows it needs before returning
         finally:
-            self.release(req)
+            self._free_now(blocks)
 
     # --- endings ----------------------------------------------------------------------------
 
     def fail(self, req: Pending, error: RequestError, deny: str = "") -> None:
         """End ``req`` with ``error``; tell its encoder (deny or abort); free its blocks."""
-        if self.pending.pop(req.rid, None) is None:
+        if not self._forget(req):
             return
-        req.link.inflight.discard(req.rid)
         if deny:
             req.link.send(P.AllocDenied(rid=req.rid, code=deny, reason=error.message[:4000],  # type: ignore[arg-type]
                                         retry_after_s=error.retry_after_s))  # fmt: skip
         else:
             req.link.send(P.Abort(rid=req.rid, reason=error.message[:4000]))
-        self.release(req)
+        self.detach(req)
         log.warning("request %s failed (%d): %s", req.rid, error.status, error.message)
         req.on_ready(None, error)
 
-    def release(self, req: Pending) -> None:
-        """Return ``req``'s blocks (idempotent) and hand freed blocks to waiting requests."""
+    def detach(self, req: Pending) -> None:
+        """Drop ``req``'s claim on the pool (to fail it or send it elsewhere). Idempotent.
+
+        Granted blocks go to quarantine: the encoder may still be writing into them.
+        """
         if req.blocks is not None:
-            self.buffers.free(req.blocks)
+            self.quarantine.append((time.monotonic() + self.quarantine_s, req.blocks))
             req.blocks = None
+        req.alloc, req.generation, req.waiting_since = None, 0, 0.0
         if req in self.waiting:
             self.waiting.remove(req)
+
+    def tick(self) -> None:
+        """Housekeeping, called often: end quarantines, expire long waits, serve waiters."""
+        now = time.monotonic()
+        while self.quarantine and self.quarantine[0][0] <= now:
+            self.buffers.free(self.quarantine.popleft()[1])
+        while self.waiting and now - self.waiting[0].waiting_since > self.alloc_wait_s:
+            err = RequestError(503, f"no receive blocks freed up within {self.alloc_wait_s:.0f} s",
+                               retry_after_s=1.0)  # fmt: skip
+            self.fail(self.waiting[0], err, deny="pool_full")
+        self._serve_waiting()
+
+    def _serve_waiting(self) -> None:
         while self.waiting:
             head = self.waiting[0]
             assert head.alloc is not None
             blocks = self.buffers.alloc(head.alloc.n_tokens)
             if blocks is None:
-                break
+                return
             self.waiting.popleft()
             self._grant(head, blocks)
+
+    def _free_now(self, blocks: list[int] | None) -> None:
+        if blocks is not None:
+            self.buffers.free(blocks)
+            self._serve_waiting()
+
+    def _forget(self, req: Pending) -> bool:
+        if self.pending.get(req.rid) is not req:
+            return False
+        del self.pending[req.rid]
+        req.link.inflight.discard(req.rid)
+        return True
