@@ -86,18 +86,22 @@ class LocalCluster:
         try:
             for i in range(self.n_encoders):
                 self.start_encoder(i)
-            self.http_port = free_port()
-            cmd = script("epd-language") + [
-                "--model", str(self.model), "--port", str(self.http_port),
-                "--transport", self.transport, *self.language_args,
-            ]  # fmt: skip
-            for port in self.encoder_ports:
-                cmd += ["--encoder", f"tcp://127.0.0.1:{port}"]
-            self._spawn("language", cmd)
+            self.start_language()
             self.wait_ready()
         except BaseException:
             self.stop()
             raise
+
+    def start_language(self) -> None:
+        """Start the language server (again, on its old port, when restarting)."""
+        self.http_port = self.http_port or free_port()
+        cmd = script("epd-language") + [
+            "--model", str(self.model), "--port", str(self.http_port),
+            "--transport", self.transport, *self.language_args,
+        ]  # fmt: skip
+        for port in self.encoder_ports:
+            cmd += ["--encoder", f"tcp://127.0.0.1:{port}"]
+        self._spawn("language", cmd)
 
     def start_encoder(self, i: int, port: int | None = None) -> None:
         """Start encoder ``i`` (again, on its old port, when restarting)."""

@@ -41,10 +41,13 @@ class EncoderLink:
     rejected: int = 0
     served: int = 0  # requests whose rows arrived from it
 
+    def __post_init__(self) -> None:
+        self.out = zmq.Socket.shadow(self.sock.underlying)  # synchronous view for sending
+
     def send(self, msg: P.Message, quiet: bool = False) -> bool:
         """Send one message without blocking; False when the encoder is not connected."""
-        try:
-            self.sock.send(P.encode(msg), zmq.NOBLOCK)
+        try:  # through a synchronous shadow: asyncio sockets report failures in futures
+            self.out.send(P.encode(msg), zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             if not quiet:
@@ -154,6 +157,7 @@ class EncoderPool:
                         "encoder %s silent for %.1f s: marking it down", link.address, silent
                     )
                     link.state = LinkState.DOWN
+                    self.on_down(link)
             await asyncio.sleep(self.heartbeat_s)
 
     async def wait_until_up(self, timeout_s: float) -> bool:
