@@ -9,19 +9,22 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
-# Debian packages: the libraries Mooncake links against even for TCP, and docker-compose
-# (the tests validate docker-compose.yml with `docker-compose config`; no Docker engine needed).
+# Debian packages: the libraries Mooncake links against even for TCP; for the tests,
+# docker-compose (validates docker-compose.yml, no Docker engine needed) and iproute2 +
+# iptables (the two-host test builds network namespaces and degrades the link between them).
 need_apt=()
 for lib in libibverbs.so.1 libnl-3.so.200 libnl-route-3.so.200; do
   ldconfig -p | grep -q "$lib" || need_apt+=("$lib")
 done
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need_apt+=(iptables)
+command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ] && [ "${EPD_SKIP_APT:-0}" != 1 ]; then
   echo "[setup] installing Debian packages (missing: ${need_apt[*]})"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    libibverbs1 libnl-3-200 libnl-route-3-200 docker-compose >/dev/null
+    libibverbs1 libnl-3-200 libnl-route-3-200 docker-compose iptables iproute2 >/dev/null
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
