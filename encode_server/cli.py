@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
                    help="images in one ViT forward at most")  # fmt: skip
     p.add_argument("--max-batch-tokens", type=int, default=d["max_batch_tokens"].default,
                    help="visual tokens in one ViT forward at most")  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=d["max_queue"].default,
+                   help="requests waiting for preprocessing before new ones are refused")  # fmt: skip
     p.add_argument("--grant-timeout", type=float, default=d["grant_timeout_s"].default,
                    help="seconds to wait for blocks before failing a request")  # fmt: skip
     p.add_argument("--transfer-timeout", type=float, default=d["transfer_timeout_s"].default,
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
             transport=a.transport, mooncake_protocol=a.mooncake_protocol,
             mooncake_device=a.mooncake_device, advertise_host=a.advertise_host, device=a.device,
             dtype=a.dtype, max_batch_images=a.max_batch_images, max_batch_tokens=a.max_batch_tokens,
-            grant_timeout_s=a.grant_timeout, transfer_timeout_s=a.transfer_timeout,
+            max_queue=a.max_queue, grant_timeout_s=a.grant_timeout, transfer_timeout_s=a.transfer_timeout,
             peer_timeout_s=a.peer_timeout, curve_keys=a.curve_keys, curve_clients=a.curve_clients,
             log_level=a.log_level,
         )  # fmt: skip

@@ -23,6 +23,7 @@ class EncodeConfig:
     dtype: str = "float32"
     max_batch_images: int = 16
     max_batch_tokens: int = 16384
+    max_queue: int = 256  # requests waiting for preprocessing before new ones are refused
     grant_timeout_s: float = 30.0
     transfer_timeout_s: float = 60.0
     peer_timeout_s: float = 10.0  # a language server silent this long is gone: drop its work
@@ -39,7 +40,7 @@ class EncodeConfig:
             raise ValueError(f"--transport must be one of {sorted(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
-        if self.max_batch_images < 1 or self.max_batch_tokens < 1:
+        if min(self.max_batch_images, self.max_batch_tokens, self.max_queue) < 1:
             raise ValueError("--max-batch-images and --max-batch-tokens must be >= 1")
         if min(self.grant_timeout_s, self.transfer_timeout_s, self.peer_timeout_s) <= 0:
             raise ValueError("timeouts and the heartbeat interval must be > 0")

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+import protocol as P
 from encode_server.preprocess import PreprocessedPrompt
 from transfer import Destination
 
 
 class Stage(enum.Enum):
+    QUEUED = "queued"  # received, not preprocessed yet
     AWAIT_VISION = "await_vision"  # preprocessed, AllocRequest sent, ViT not run yet
     AWAIT_GRANT = "await_grant"  # ViT done, no grant yet
     TRANSFERRING = "transferring"
@@ -22,9 +24,10 @@ class Stage(enum.Enum):
 class Job:
     peer: bytes  # ZeroMQ identity of the language server that asked
     rid: str
-    prompt: PreprocessedPrompt
+    request: P.EncodeRequest | None  # until preprocessed
     received_at: float
-    stage: Stage = Stage.AWAIT_VISION
+    prompt: PreprocessedPrompt | None = None
+    stage: Stage = Stage.QUEUED
     dest: Destination | None = None
     generation: int = 0
     embeds: torch.Tensor | None = None

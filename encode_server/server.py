@@ -52,6 +52,8 @@ class EncodeServer:
     def step(self) -> None:
         busy = any(j.stage is not Stage.AWAIT_GRANT for j in self.jobs.values())
         self.receive(timeout_ms=0 if busy else 50)
+        self.preprocess_some()
+        self.receive(timeout_ms=0)  # grants and heartbeats that came in meanwhile
         self.encode_batch()
         self.poll_transfers()
         self.expire()
@@ -98,28 +100,50 @@ class EncodeServer:
             self._reject(peer, f"{type(msg).__name__} is not for an encode server")
 
     def on_encode(self, peer: bytes, req: P.EncodeRequest) -> None:
+        """Queue the request; preprocessing happens in ``preprocess_some``."""
         now = time.perf_counter()
         self.stats["requests"] += 1
         key = f"{peer.hex()}/{req.rid}"
         if key in self.jobs:
             self._reject(peer, f"duplicate request id {req.rid}")
             return
-        try:
-            t0 = time.perf_counter()
-            prompt = self.encoder.preprocess(to_messages(req.turns, list(req.images)))
-        except ValueError as exc:
-            self._send(peer, P.EncodeFailed(rid=req.rid, stage="preprocess", reason=str(exc)))
+        queued = sum(1 for j in self.jobs.values() if j.stage is Stage.QUEUED)
+        if queued >= self.config.max_queue:
+            reason = f"encoder queue full ({queued} requests)"
+            self._send(peer, P.EncodeFailed(rid=req.rid, stage="overloaded", reason=reason))
             self.stats["failed"] += 1
             return
-        job = Job(peer=peer, rid=req.rid, prompt=prompt, received_at=now)
-        job.marks.update(received=now, preprocess_start=t0)
-        job.mark("preprocessed")
+        job = Job(peer=peer, rid=req.rid, request=req, received_at=now)
+        job.marks["received"] = now
         job.deadline = now + self.config.grant_timeout_s
         self.jobs[job.key] = job
+
+    def preprocess_some(self, budget_s: float = 0.2) -> None:
+        """Preprocess queued requests (oldest first) for at most ``budget_s``, so that the loop
+        keeps answering heartbeats and grants under load; send each one's AllocRequest."""
+        start = time.perf_counter()
+        queued = [j for j in self.jobs.values() if j.stage is Stage.QUEUED]
+        for job in queued[: self.config.max_batch_images]:
+            if time.perf_counter() - start > budget_s:
+                return
+            self._preprocess(job)
+
+    def _preprocess(self, job: Job) -> None:
+        assert job.request is not None
+        job.mark("preprocess_start")
+        try:
+            prompt = self.encoder.preprocess(
+                to_messages(job.request.turns, list(job.request.images))
+            )
+        except ValueError as exc:
+            self._fail(job, "preprocess", str(exc))
+            return
+        job.mark("preprocessed")
+        job.prompt, job.request, job.stage = prompt, None, Stage.AWAIT_VISION
         self._send(
-            peer,
+            job.peer,
             P.AllocRequest(
-                rid=req.rid,
+                rid=job.rid,
                 encoder_id=self.config.name,
                 n_tokens=prompt.n_vis,
                 hidden=self.encoder.hidden,
@@ -132,7 +156,7 @@ class EncodeServer:
 
     def on_grant(self, peer: bytes, grant: P.AllocGrant) -> None:
         job = self.jobs.get(f"{peer.hex()}/{grant.rid}")
-        if job is None or job.dest is not None:
+        if job is None or job.dest is not None or job.prompt is None:
             self._reject(peer, f"grant for unknown or already granted request {grant.rid}")
             return
         problem = self._check_grant(job, grant)
@@ -151,6 +175,7 @@ class EncodeServer:
             self._start_transfer(job)
 
     def _check_grant(self, job: Job, grant: P.AllocGrant) -> str:
+        assert job.prompt is not None
         if grant.n_tokens != job.prompt.n_vis:
             return f"{grant.n_tokens} tokens granted, {job.prompt.n_vis} needed"
         if grant.hidden != self.encoder.hidden or grant.dtype != self.dtype:
@@ -185,7 +210,7 @@ class EncodeServer:
             return
         t0 = time.perf_counter()
         try:
-            encoded = self.encoder.run_vision([j.prompt for j in batch])
+            encoded = self.encoder.run_vision([j.prompt for j in batch if j.prompt is not None])
         except Exception as exc:  # noqa: BLE001 - a ViT failure fails its batch, not the server
             log.exception("vision forward failed for %d requests", len(batch))
             for job in batch:
@@ -203,7 +228,7 @@ class EncodeServer:
         batch: list[Job] = []
         images = tokens = 0
         for job in self.jobs.values():
-            if job.stage is not Stage.AWAIT_VISION:
+            if job.stage is not Stage.AWAIT_VISION or job.prompt is None:
                 continue
             images += job.prompt.n_images
             tokens += job.prompt.n_vis
@@ -239,6 +264,7 @@ class EncodeServer:
                 self._fail(job, "transfer", "the transport reported a failed write")
 
     def _done_message(self, job: Job) -> P.TransferDone:
+        assert job.prompt is not None
         timings = P.EncodeTimings(
             queue_s=job.span("received", "preprocess_start"),
             preprocess_s=job.span("preprocess_start", "preprocessed"),
@@ -258,7 +284,9 @@ class EncodeServer:
         """Fail jobs past their deadline; drop everything of language servers gone silent."""
         now = time.perf_counter()
         for job in [j for j in self.jobs.values() if j.deadline and now > j.deadline]:
-            stage = "transfer" if job.stage is Stage.TRANSFERRING else "alloc"
+            stage = {Stage.TRANSFERRING: "transfer", Stage.QUEUED: "overloaded"}.get(
+                job.stage, "alloc"
+            )
             self._fail(job, stage, f"timed out in {job.stage.value}")  # type: ignore[arg-type]
         silent_since = time.monotonic() - self.config.peer_timeout_s
         for peer in [p for p, seen in self.peers.items() if seen < silent_since]:

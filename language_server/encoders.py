@@ -41,18 +41,18 @@ class EncoderLink:
     rejected: int = 0
     served: int = 0  # requests whose rows arrived from it
 
-    def __post_init__(self) -> None:
-        self.out = zmq.Socket.shadow(self.sock.underlying)  # synchronous view for sending
 
     def send(self, msg: P.Message, quiet: bool = False) -> bool:
         """Send one message without blocking; False when the encoder is not connected."""
-        try:  # through a synchronous shadow: asyncio sockets report failures in futures
-            self.out.send(P.encode(msg), zmq.NOBLOCK)
-            return True
-        except zmq.ZMQError as exc:
-            if not quiet:
-                log.warning("cannot send %s to %s: %s", type(msg).__name__, self.address, exc)
-            return False
+        # With NOBLOCK the asyncio socket tries at once and returns a finished future; read its
+        # outcome here (an unread failed future would be logged as never retrieved). Sending
+        # through a synchronous shadow socket instead would swallow the edge-triggered wake-up
+        # the reader task waits for.
+        sent = self.sock.send(P.encode(msg), zmq.NOBLOCK)
+        error = sent.exception() if sent.done() else None
+        if error is not None and not quiet:
+            log.warning("cannot send %s to %s: %s", type(msg).__name__, self.address, error)
+        return error is None
 
     def describe(self) -> dict[str, object]:
         seen = time.monotonic() - self.last_seen if self.last_seen else None

@@ -79,8 +79,10 @@ class Receiver:
             # The encoder stopped its transfer before saying so: blocks can be reused at once.
             self._free_now(req.blocks)
             req.blocks = None
-            status = 400 if msg.stage == "preprocess" else 502
-            self.fail(req, RequestError(status, f"encoder failed at {msg.stage}: {msg.reason}"))
+            status = {"preprocess": 400, "overloaded": 503}.get(msg.stage, 502)
+            err = RequestError(status, f"encoder failed at {msg.stage}: {msg.reason}",
+                               retry_after_s=1.0 if status == 503 else 0.0)  # fmt: skip
+            self.fail(req, err)
         else:
             self.dropped_messages += 1
             log.warning("unexpected %s from %s", type(msg).__name__, getattr(link, "address", "?"))

@@ -199,7 +199,9 @@ class EncodeFailed(Message, frozen=True, kw_only=True, tag="failed"):
 
     rid: Rid
     generation: U64 = 0
-    stage: Literal["preprocess", "vision", "alloc", "transfer", "aborted"] = "preprocess"
+    stage: Literal["preprocess", "vision", "alloc", "transfer", "aborted", "overloaded"] = (
+        "preprocess"
+    )
     reason: Reason = ""
 
 
