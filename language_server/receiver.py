@@ -186,8 +186,9 @@ class Receiver:
 
     # --- endings ----------------------------------------------------------------------------
 
-    def fail(self, req: Pending, error: RequestError, deny: str = "") -> None:
-        """End ``req`` with ``error``; tell its encoder (deny or abort); free its blocks."""
+    def fail(self, req: Pending, error: RequestError, deny: str = "", writing: bool = True) -> None:
+        """End ``req`` with ``error``; tell its encoder (deny or abort); free its blocks
+        (after a quarantine when its encoder may still be ``writing`` into them)."""
         if not self._forget(req):
             return
         if deny:
@@ -195,21 +196,23 @@ class Receiver:
                                         retry_after_s=error.retry_after_s))  # fmt: skip
         else:
             req.link.send(P.Abort(rid=req.rid, reason=error.message[:4000]))
-        self.detach(req)
+        self.detach(req, writing)
         log.warning("request %s failed (%d): %s", req.rid, error.status, error.message)
         req.on_ready(None, error)
 
-    def detach(self, req: Pending) -> None:
+    def detach(self, req: Pending, writing: bool = True) -> None:
         """Drop ``req``'s claim on the pool (to fail it or send it elsewhere). Idempotent.
 
-        Granted blocks go to quarantine: the encoder may still be writing into them.
+        Granted blocks go to quarantine when the encoder may still be ``writing`` into them.
         """
-        if req.blocks is not None:
-            self.quarantine.append((time.monotonic() + self.quarantine_s, req.blocks))
-            req.blocks = None
+        blocks, req.blocks = req.blocks, None
         req.alloc, req.generation, req.waiting_since = None, 0, 0.0
         if req in self.waiting:
             self.waiting.remove(req)
+        if blocks is not None and writing and self.quarantine_s > 0:
+            self.quarantine.append((time.monotonic() + self.quarantine_s, blocks))
+        else:
+            self._free_now(blocks)
 
     def tick(self) -> None:
         """Housekeeping, called often: end quarantines, expire long waits, serve waiters."""
