@@ -13,8 +13,9 @@ VENV=${VENV:-.venv}
 # docker-compose (validates docker-compose.yml, no Docker engine needed) and iproute2 +
 # iptables (the two-host test builds network namespaces and degrades the link between them).
 need_apt=()
+libs=$(ldconfig -p)  # not piped into grep -q: with pipefail, SIGPIPE would read as "missing"
 for lib in libibverbs.so.1 libnl-3.so.200 libnl-route-3.so.200; do
-  ldconfig -p | grep -q "$lib" || need_apt+=("$lib")
+  grep -q "$lib" <<<"$libs" || need_apt+=("$lib")
 done
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
 command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need_apt+=(iptables)
@@ -37,6 +38,13 @@ if ! "$VENV/bin/python" -c "import torch, torchvision; assert torch.__version__.
   $PIP install -q --upgrade pip
   $PIP install -q torch==2.14.1 torchvision==0.29.1
 fi
-echo "[setup] installing the project and its test tools"
-$PIP install -q -e ".[test]"
+stamp="$VENV/.epd-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing the project and its test tools (log: $VENV/pip-install.log)"
+  if ! $PIP install -e ".[test]" > "$VENV/pip-install.log" 2>&1; then
+    tail -40 "$VENV/pip-install.log"; exit 1
+  fi
+  echo "$want" > "$stamp"
+fi
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, mooncake; print("torch", torch.__version__, "transformers", transformers.__version__)')"
