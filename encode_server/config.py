@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from transfer import BACKENDS, DTYPES
+from transfer.registry import advertised_host, endpoint_options
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,19 +51,13 @@ class EncodeConfig:
 
     @property
     def public_host(self) -> str:
-        if self.advertise_host:
-            return self.advertise_host
-        return socket.gethostname() if self.host in ("0.0.0.0", "::", "*") else self.host
+        return advertised_host(self.host, self.advertise_host)
 
     @property
     def name(self) -> str:
         return self.encoder_id or f"{self.public_host}:{self.port}"
 
     def sender_options(self) -> dict[str, object]:
-        if self.transport == "mooncake":
-            return {
-                "hostname": self.public_host,
-                "protocol": self.mooncake_protocol,
-                "device_name": self.mooncake_device,
-            }
-        return {}
+        return endpoint_options(
+            self.transport, self.public_host, self.mooncake_protocol, self.mooncake_device
+        )

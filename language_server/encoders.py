@@ -41,7 +41,6 @@ class EncoderLink:
     rejected: int = 0
     served: int = 0  # requests whose rows arrived from it
 
-
     def send(self, msg: P.Message, quiet: bool = False) -> bool:
         """Send one message without blocking; False when the encoder is not connected."""
         # With NOBLOCK the asyncio socket tries at once and returns a finished future; read its

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import socket
 from typing import Any
 
 from transfer.base import TransferReceiver, TransferSender
@@ -25,3 +26,18 @@ def make_receiver(name: str, **options: Any) -> TransferReceiver:
 def make_sender(name: str, **options: Any) -> TransferSender:
     """Encode-side endpoint of backend ``name`` (options go to its constructor)."""
     return _module(name).Sender(**options)
+
+
+def advertised_host(bind_host: str, advertise_host: str = "") -> str:
+    """The address peers reach this host at: ``advertise_host``, else the bind address (the
+    hostname when bound to every interface)."""
+    if advertise_host:
+        return advertise_host
+    return socket.gethostname() if bind_host in ("0.0.0.0", "::", "*") else bind_host
+
+
+def endpoint_options(name: str, hostname: str, protocol: str, device_name: str) -> dict[str, Any]:
+    """Constructor options of backend ``name``'s sender or receiver from the servers' flags."""
+    if name == "mooncake":
+        return {"hostname": hostname, "protocol": protocol, "device_name": device_name}
+    return {}
