@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
     )
     p.add_argument("--engine", default="transformers", choices=["transformers", "sglang"],
                    help="generation engine: the transformers reference, or SGLang in process")  # fmt: skip
+    p.add_argument("--sglang-args", default="", metavar="JSON",
+                   help='extra SGLang ServerArgs for --engine sglang, e.g. \'{"tp_size": 8}\'')  # fmt: skip
     p.add_argument("--transport", default="mooncake", choices=["mooncake", "shm"],
                    help="data plane: mooncake (RDMA/TCP) or shm (same host)")  # fmt: skip
     p.add_argument("--mooncake-protocol", default="tcp", choices=["tcp", "rdma"],
@@ -72,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
     try:
         return LanguageConfig(
             model=a.model, encoders=tuple(a.encoder), host=a.host, port=a.port,
-            served_model_name=a.served_model_name, engine=a.engine, transport=a.transport,
+            served_model_name=a.served_model_name, engine=a.engine, sglang_args=a.sglang_args, transport=a.transport,
             mooncake_protocol=a.mooncake_protocol, mooncake_device=a.mooncake_device,
             advertise_host=a.advertise_host, device=a.device, dtype=a.dtype,
             num_blocks=a.num_blocks, block_tokens=a.block_tokens,
@@ -94,7 +97,11 @@ def build_engine(config: LanguageConfig):
     if config.engine == "sglang":
         from language_server.sglang_engine import SGLangEngine
 
-        return SGLangEngine.from_config(config)
+        try:
+            extra = json.loads(config.sglang_args or "{}")
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--sglang-args is not JSON: {exc}") from None
+        return SGLangEngine.from_config(config, **extra)
     from language_server.engine import Engine
     from language_server.model import Qwen3MoeForCausalLMWithDeepStack
 

@@ -19,6 +19,7 @@ class LanguageConfig:
     port: int = 8000
     served_model_name: str = ""  # default: the checkpoint directory's name
     engine: str = "transformers"  # or "sglang" (SGLang's engine in process)
+    sglang_args: str = ""  # JSON object of extra sglang ServerArgs, e.g. {"tp_size": 8}
     transport: str = "mooncake"
     mooncake_protocol: str = "tcp"
     mooncake_device: str = ""

@@ -47,4 +47,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
+if [ "${EPD_SKIP_SGLANG:-0}" != 1 ]; then
+  echo "[setup] SGLang 0.5.23 for --engine sglang and tests/sglang (CPU build, --no-deps)"
+  VENV="$VENV" bash scripts/setup_sglang.sh
+fi
 echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, mooncake; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -69,6 +69,9 @@ class Qwen3MoeModelWithDeepStack(Qwen3MoeModel):
     ``j``, so the placement stays right when pipeline stages hold only some layers.
     """
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -224,6 +227,9 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load language tensors from a Qwen3-VL-MoE checkpoint; skip every visual tensor."""
         params = dict(self.named_parameters())
+        # Tied embeddings with a separate LM head (pipeline or TP > 1): the head loads the
+        # checkpoint's embedding tensor too (named_parameters lists a shared tensor once).
+        tied_head = self.config.tie_word_embeddings and "lm_head.weight" in params
         loaded: set[str] = set()
         for name, tensor in weights:
             local = _local_name(name)
@@ -232,13 +238,11 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
             layer = get_layer_id(local)
             if layer is not None and not self.start_layer <= layer < self.end_layer:
                 continue
+            if local == "lm_head.weight" and local not in params:
+                continue  # tied: lm_head is embed_tokens
             loaded |= self._load_one(params, local, tensor)
-        if self.pp_group.is_last_rank and self.lm_head is not self.model.embed_tokens:
-            head = "lm_head.weight"
-            if head not in loaded and self.config.tie_word_embeddings:
-                embed = self.model.embed_tokens.weight
-                params[head].weight_loader(params[head], embed.data)  # tied, world size > 1
-                loaded.add(head)
+            if tied_head and local == "model.embed_tokens.weight":
+                loaded |= self._load_one(params, "lm_head.weight", tensor)
         return loaded
 
     def _load_one(self, params: dict, name: str, tensor: torch.Tensor) -> set[str]:
@@ -254,8 +258,8 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
                     return {target}
                 return set()
         if name not in params:
-            if not name.endswith((".bias", "_bias")):
-                log.warning("checkpoint tensor %s has no parameter here: skipped", name)
+            quiet = name.endswith((".bias", "_bias")) or self.pp_group.world_size > 1
+            (log.debug if quiet else log.warning)("tensor %s has no parameter here: skipped", name)
             return set()
         param = params[name]
         getattr(param, "weight_loader", default_weight_loader)(param, tensor)
@@ -264,7 +268,10 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
     def _load_fused_experts(self, params: dict, name: str, tensor: torch.Tensor) -> set[str]:
         """``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]`` (or internal) -> per expert."""
         cfg = self.config
-        internal = to_internal(name, tensor, cfg.hidden_size, cfg.moe_intermediate_size)
+        # SGLang pads moe_intermediate_size on CPU (adjust_config_with_unaligned_cpu_tp); the
+        # checkpoint has the original size, and the expert weight loader pads on copy.
+        inter = getattr(cfg, "original_moe_intermediate_size", cfg.moe_intermediate_size)
+        internal = to_internal(name, tensor, cfg.hidden_size, inter)
         if name.endswith("gate_up_proj"):  # internal [E, 2I, H]: gate rows, then up rows
             target = name.replace("experts.gate_up_proj", "experts.w13_weight")
             gate, up = internal.chunk(2, dim=1)

@@ -1,0 +1,357 @@
+"""``SGLangEngine``: the language model on SGLang's engine, in process (``epd-language --engine sglang``).
+
+SGLang's ``Engine`` runs its scheduler (the model, ``Qwen3MoeForCausalLMWithDeepStack`` from
+``language_server.sglang_models``) and detokenizer in subprocesses it spawns, and its tokenizer
+manager in this process on an asyncio loop. That loop is ours and runs on a dedicated thread
+("sglang-loop"), which also builds the engine (SGLang's children die with the thread that spawned
+them): ``submit`` (called on the server's loop) schedules one coroutine per job there with
+``run_coroutine_threadsafe``, the coroutine streams SGLang's output and calls ``job.emit``, which
+the service already makes thread-safe. Why not the server's own loop: SGLang's tokenizer manager
+installs SIGTERM/SIGQUIT handlers on the loop it first runs on when that is the main thread's,
+which would take SIGTERM away from uvicorn; on a thread it installs none, and a slow step of
+SGLang's (its multimodal processing, ZeroMQ I/O) never stalls the HTTP server. If an SGLang
+process dies, the server exits (status 70) rather than serve errors forever.
+
+Inputs per request are what the encoder computed, never recomputed: the input ids with image pads
+already expanded, our M-RoPE positions ``[3, seq]`` (and their decode delta), and the received
+rows as ONE ``[n, 4H]`` tensor ``[embeds | ds0 | ds1 | ds2]`` in SGLang's precomputed format
+(``{"format": "processor_output", "precomputed_embeddings", "image_grid_thw"}``). Building that
+tensor with ``torch.cat`` out of the receive pool's views is the only copy made here, and SGLang's
+format forces it (it takes one tensor per request; the pool keeps embeds and deepstack in two
+regions, and its blocks are freed as soon as ``job_for_image`` returns).
+
+Copies of the visual rows per request, measured on one node (CPU): (1) ours, the ``torch.cat``;
+(2) SGLang's tokenizer manager -> scheduler process, one copy into /dev/shm
+(``ShmPointerMMData``; the scheduler maps it copy-on-write, no further copy); (3) the scheduler
+scatters the rows into the batch's ``[N, H]`` input embeddings and ``[N, 3H]`` DeepStack buffer,
+the model's input (the reference engine's ``build_input_embeds`` makes the same one).
+
+``SGLANG_EXTERNAL_MODEL_PACKAGE`` is set to ``language_server.sglang_models`` before sglang is
+imported, and the checkpoint's ``architectures`` are overridden through
+``json_model_override_args`` (the checkpoint directory is never edited).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import importlib
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from language_server.config import LanguageConfig
+from language_server.engine import Emit, EngineBase, GenJob
+from language_server.generate import SamplingParams
+from language_server.receiver import ReceivedPrompt
+from language_server.sglang_models import ARCHITECTURE, EXTERNAL_PACKAGE
+
+log = logging.getLogger("epd.language.sglang")
+
+# The first name selects our class; the second keeps SGLang's Qwen3-VL multimodal processor and
+# flags, which SGLang picks by architecture NAME (with the first alone startup fails with
+# "No processor registered for architecture").
+ARCHITECTURES = [ARCHITECTURE, "Qwen3VLMoeForConditionalGeneration"]
+EXTRA_ARGS_ENV = "EPD_SGLANG_ARGS"  # JSON object of extra sglang ServerArgs, e.g. {"tp_size": 8}
+CPU_DEFAULTS = {"attention_backend": "torch_native", "max_total_tokens": 65536}
+
+
+@dataclass(eq=False)
+class SGLangRequest:
+    """A job's inputs in SGLang's terms (``GenJob.payload``), and what came back."""
+
+    rid: str
+    input_ids: list[int]
+    sampling: dict[str, Any]
+    image_data: list[dict[str, Any]] | None = None
+    future: Any = None  # concurrent.futures.Future of the coroutine on the SGLang loop
+    top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)  # per step
+
+
+class SGLangEngine(EngineBase):
+    """``EngineBase`` on SGLang's in-process ``Engine`` (see the module docstring)."""
+
+    def __init__(self, start: Callable[[], Any], top_logprobs_num: int = 0) -> None:
+        """Run ``start()`` (which returns a started ``sglang.Engine``) on the SGLang thread.
+
+        The engine is built on the thread that then runs its loop, because SGLang's children die
+        with the thread that spawned them (``PR_SET_PDEATHSIG``). ``top_logprobs_num`` > 0
+        records SGLang's top log-probabilities per generated token in
+        ``job.payload.top_logprobs`` (for tests). Blocks until the model is loaded.
+        """
+        self.top_logprobs_num = top_logprobs_num
+        self._running = 0
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sglang-loop",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+        before = _child_pids()
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(_run_into, started, start)
+        try:
+            self.engine = started.result()
+        except BaseException:
+            self._stop_loop()
+            raise
+        self._children = sorted(_child_pids() - before)  # SGLang's scheduler and detokenizer
+
+    @classmethod
+    def from_config(cls, config: LanguageConfig, **overrides: Any) -> SGLangEngine:
+        """Start SGLang's engine for ``config.model`` (blocks until the model is loaded).
+
+        Called on the main thread (the server's start-up), it also handles SIGQUIT, which SGLang's
+        watchdog sends this process when one of its children dies: the server logs it, kills
+        SGLang's remaining processes and exits with status 70 instead of dumping core.
+        """
+        engine = cls(lambda: start_sglang(config, **overrides))
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGQUIT, engine._on_child_death)
+        return engine
+
+    def _on_child_death(self, *_: Any) -> None:
+        log.critical("an SGLang process died (see the log above); the language server exits")
+        _kill(self._children)
+        os._exit(70)
+
+    # --- EngineBase -----------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        return self._running
+
+    def job_for_text(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, params: SamplingParams, emit: Emit
+    ) -> GenJob:
+        # Text-only M-RoPE positions are arange on all three axes: SGLang computes the same.
+        request = SGLangRequest(_rid(), input_ids.tolist(), sampling_params(params))
+        return GenJob(input_ids, positions, params, emit, payload=request)
+
+    def job_for_image(self, prompt: ReceivedPrompt, params: SamplingParams, emit: Emit) -> GenJob:
+        # The one copy: the pool's two views -> SGLang's single [n, 4H] tensor. The pool's blocks
+        # are freed when this returns; ``rows`` is owned by the request from here on.
+        rows = torch.cat([prompt.embeds, prompt.deepstack], dim=1)
+        positions = prompt.positions
+        delta = int(positions.max()) + 1 - positions.shape[1]
+        item = {
+            "format": "processor_output",
+            "precomputed_embeddings": rows,
+            "image_grid_thw": prompt.image_grid_thw,
+            "mrope_positions": positions,
+            "mrope_position_delta": torch.tensor([[delta]], dtype=torch.long),
+            "hash": secrets.randbits(62),  # unique: no hashing of the rows, no false cache hit
+        }
+        request = SGLangRequest(
+            _rid(), prompt.input_ids.tolist(), sampling_params(params), image_data=[item]
+        )
+        return GenJob(prompt.input_ids, positions, params, emit, payload=request)
+
+    def submit(self, job: GenJob) -> None:
+        if self._closed:
+            job.emit("error", "the SGLang engine is closed")
+            return
+        job.marks["queued"] = time.perf_counter()
+        job.payload.future = asyncio.run_coroutine_threadsafe(self._serve(job), self._loop)
+
+    def cancel(self, job: GenJob) -> None:
+        if job.cancelled:
+            return
+        job.cancelled = True
+        request: SGLangRequest = job.payload
+        if request.future is not None and not self._closed:
+            self._loop.call_soon_threadsafe(self._abort, request)
+
+    def close(self) -> None:
+        """Stop SGLang's processes (only those it started here), then the loop thread.
+
+        Not ``sglang.Engine.shutdown()``: that kills every child process of this process.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        watchdog = getattr(self.engine.tokenizer_manager, "_subprocess_watchdog", None)
+        if watchdog is not None:
+            watchdog.stop()  # else it takes the children's exit for a crash and SIGQUITs us
+        _kill(self._children)
+        self._stop_loop()
+        processor = getattr(self.engine.tokenizer_manager, "mm_processor", None)
+        if processor is not None:
+            processor.shutdown()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    # --- on the SGLang loop ---------------------------------------------------------------
+
+    async def _serve(self, job: GenJob) -> None:
+        request: SGLangRequest = job.payload
+        if job.cancelled:
+            return
+        self._running += 1
+        job.marks["prefill_start"] = time.perf_counter()
+        try:
+            reason = await self._stream(job, request)
+            if not job.cancelled:
+                job.emit("end", reason)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
+            if not job.cancelled:
+                log.exception("SGLang generation failed for %s", request.rid)
+                job.emit("error", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._running -= 1
+
+    async def _stream(self, job: GenJob, request: SGLangRequest) -> str:
+        logprobs = self.top_logprobs_num > 0
+        chunks = await self.engine.async_generate(
+            input_ids=request.input_ids, image_data=request.image_data,
+            sampling_params=request.sampling, stream=True, rid=request.rid,
+            return_logprob=logprobs, top_logprobs_num=self.top_logprobs_num if logprobs else None,
+        )  # fmt: skip
+        sent = 0
+        async for chunk in chunks:
+            if job.cancelled:
+                return "cancelled"
+            ids, meta = chunk["output_ids"], chunk["meta_info"]
+            finish = meta.get("finish_reason") or {}
+            if finish.get("type") == "stop" and ids and finish.get("matched") == ids[-1]:
+                ids = ids[:-1]  # a stop token (ours, or the model's EOS) is not returned
+            if logprobs:
+                request.top_logprobs = [_pairs(step) for step in meta["output_top_logprobs"]]
+            for token in ids[sent:]:
+                if job.generated == 0:
+                    job.marks["first_token"] = time.perf_counter()
+                job.generated += 1
+                job.emit("token", int(token))
+            sent = max(sent, len(ids))
+            if finish:
+                return _finish_reason(finish)
+        raise RuntimeError("SGLang's stream ended without a finish reason")
+
+    def _abort(self, request: SGLangRequest) -> None:
+        try:
+            self.engine.tokenizer_manager.abort_request(rid=request.rid)
+        except Exception:  # noqa: BLE001 - the request may be finished already
+            log.debug("abort of %s failed", request.rid, exc_info=True)
+        request.future.cancel()
+
+
+def sampling_params(params: SamplingParams) -> dict[str, Any]:
+    """Our ``SamplingParams`` as SGLang's sampling-params dict."""
+    out: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k if params.top_k > 0 else -1,
+    }
+    if params.stop_token_ids:
+        out["stop_token_ids"] = list(params.stop_token_ids)
+    else:
+        out["ignore_eos"] = True  # no stop token at all, as the reference engine
+    if params.seed is not None:
+        out["sampling_seed"] = params.seed  # honoured with --enable-deterministic-inference
+    return out
+
+
+def engine_args(config: LanguageConfig, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of ``sglang.Engine`` for ``config`` (+ EPD_SGLANG_ARGS, + overrides)."""
+    device, _, index = config.device.partition(":")
+    args: dict[str, Any] = {
+        "model_path": str(config.model),
+        "dtype": config.dtype,
+        "device": device,
+        "json_model_override_args": json.dumps({"architectures": ARCHITECTURES}),
+        "log_level": config.log_level.lower(),
+        # ids in, ids out, but keep SGLang's tokenizer: with skip_tokenizer_init its tokenizer
+        # manager pickles the [n, 4H] rows inline to the scheduler (2+ copies) instead of one
+        # copy into shared memory.
+        "skip_tokenizer_init": False,
+        "random_seed": 0,
+    }
+    if device == "cpu":
+        args.update(CPU_DEFAULTS, disable_cuda_graph=True)
+    elif index:
+        args["base_gpu_id"] = int(index)
+    extra = os.environ.get(EXTRA_ARGS_ENV, "").strip()
+    if extra:
+        parsed = json.loads(extra)
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{EXTRA_ARGS_ENV} must be a JSON object of sglang ServerArgs")
+        args.update(parsed)
+    args.update(overrides)
+    return args
+
+
+def start_sglang(config: LanguageConfig, **overrides: Any) -> Any:
+    """Register our model package, then start ``sglang.Engine`` (blocks ~20 s on CPU)."""
+    current = os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE")
+    if current not in (None, "", EXTERNAL_PACKAGE):
+        raise RuntimeError(f"SGLANG_EXTERNAL_MODEL_PACKAGE is {current!r}; --engine sglang "
+                           f"needs {EXTERNAL_PACKAGE!r}")  # fmt: skip
+    os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = EXTERNAL_PACKAGE  # inherited by SGLang's children
+    try:
+        importlib.import_module(f"{EXTERNAL_PACKAGE}.qwen3_moe_deepstack")  # surface import errors
+        from sglang.srt.entrypoints.engine import Engine
+    except ImportError as exc:
+        raise ImportError(
+            f"--engine sglang needs SGLang 0.5.23 ({exc}); GPU nodes: pip install -e '.[sglang]' "
+            "(see docs/sglang.md), CPU: bash scripts/setup_sglang.sh"
+        ) from exc
+    args = engine_args(config, **overrides)
+    log.info("starting SGLang's engine: %s", {k: v for k, v in args.items() if k != "model_path"})
+    return Engine(**args)
+
+
+def _run_into(future: concurrent.futures.Future, fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+        future.set_exception(exc)
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children()}
+
+
+def _kill(pids: list[int]) -> None:
+    """SIGKILL ``pids`` and their descendants and reap them, as SGLang's own shutdown does."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            parent = psutil.Process(pid)
+            procs += [*parent.children(recursive=True), parent]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+def _rid() -> str:
+    return f"epd-{secrets.token_hex(8)}"
+
+
+def _pairs(step: Any) -> list[tuple[float, int]]:
+    return [(float(lp), int(tok)) for lp, tok, *_ in step or []]
+
+
+def _finish_reason(finish: dict[str, Any]) -> str:
+    kind = finish.get("type")
+    if kind in ("length", "stop"):
+        return kind
+    raise RuntimeError(f"SGLang ended the request: {finish.get('message') or finish}")
