@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
                    "authentication and encryption (env: EPD_CURVE_SECRET_KEY)")  # fmt: skip
     p.add_argument("--curve-clients", type=Path, default=None,
                    help="directory of authorized language-server public keys")  # fmt: skip
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads (default: torch's choice, one per core); "
+                   "set 1 when several servers share a small host")  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
     try:
@@ -60,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
             dtype=a.dtype, max_batch_images=a.max_batch_images, max_batch_tokens=a.max_batch_tokens,
             max_queue=a.max_queue, grant_timeout_s=a.grant_timeout, transfer_timeout_s=a.transfer_timeout,
             peer_timeout_s=a.peer_timeout, curve_keys=a.curve_keys, curve_clients=a.curve_clients,
+            torch_threads=a.torch_threads,
             log_level=a.log_level,
         )  # fmt: skip
     except ValueError as exc:
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     torch.set_grad_enabled(False)
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
     try:
         server.serve_forever(stop)
     finally:

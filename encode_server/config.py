@@ -29,6 +29,7 @@ class EncodeConfig:
     peer_timeout_s: float = 10.0  # a language server silent this long is gone: drop its work
     curve_keys: Path | None = None  # this encoder's secret certificate (CURVE on when set)
     curve_clients: Path | None = None  # directory of authorized language-server public keys
+    torch_threads: int = 0  # 0: torch's default
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

@@ -66,6 +66,7 @@ class LocalCluster:
     language_args: list[str] = field(default_factory=list)
     encoder_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 120.0
+    torch_threads: int = 1  # several servers share this host: one intra-op thread each
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     encoder_ports: list[int] = field(default_factory=list)
     http_port: int = 0
@@ -97,7 +98,8 @@ class LocalCluster:
         self.http_port = self.http_port or free_port()
         cmd = script("epd-language") + [
             "--model", str(self.model), "--port", str(self.http_port),
-            "--transport", self.transport, *self.language_args,
+            "--transport", self.transport, "--torch-threads", str(self.torch_threads),
+            *self.language_args,
         ]  # fmt: skip
         for port in self.encoder_ports:
             cmd += ["--encoder", f"tcp://127.0.0.1:{port}"]
@@ -111,7 +113,8 @@ class LocalCluster:
             self.encoder_ports.append(port)
         cmd = script("epd-encode") + [
             "--model", str(self.model), "--port", str(port), "--transport", self.transport,
-            "--encoder-id", f"encoder-{i}", *self.encoder_args,
+            "--encoder-id", f"encoder-{i}", "--torch-threads", str(self.torch_threads),
+            *self.encoder_args,
         ]  # fmt: skip
         self._spawn(f"encoder-{i}", cmd)
 

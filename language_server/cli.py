@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    "--curve-server-key it authenticates and encrypts the control plane")  # fmt: skip
     p.add_argument("--curve-server-key", type=Path, default=None,
                    help="the encoders' public CURVE certificate (env: EPD_CURVE_SERVER_KEY)")  # fmt: skip
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch intra-op threads (default: torch's choice, one per core); "
+                   "set 1 when several servers share a small host")  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
     try:
@@ -84,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
             encoder_dead_after_s=a.encoder_dead_after, request_timeout_s=a.request_timeout,
             max_images=a.max_images, max_prompt_tokens=a.max_prompt_tokens,
             allow_local_images=not a.no_local_images, log_level=a.log_level,
-            curve_keys=a.curve_keys, curve_server_key=a.curve_server_key,
+            torch_threads=a.torch_threads, curve_keys=a.curve_keys, curve_server_key=a.curve_server_key,
         )  # fmt: skip
     except ValueError as exc:
         p.error(str(exc))
@@ -164,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
     import uvicorn
 
+    if config.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(config.torch_threads)
     app = build_app(config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
                 access_log=False)  # fmt: skip

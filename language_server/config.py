@@ -41,6 +41,7 @@ class LanguageConfig:
     allow_local_images: bool = True
     curve_keys: Path | None = None  # this server's secret certificate (CURVE on when set)
     curve_server_key: Path | None = None  # the encoders' public certificate
+    torch_threads: int = 0  # 0: torch's default
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

@@ -169,3 +169,6 @@ class Engine(EngineBase):
             job.marks["first_token"] = time.perf_counter()
         job.generated += 1
         job.emit("token", token)
+        if job.generated >= job.params.max_new_tokens:  # done now, not at the next round
+            self._active.remove(job)
+            job.emit("end", "length")
