@@ -52,8 +52,10 @@ class EncodeServer:
     def step(self) -> None:
         busy = any(j.stage is not Stage.AWAIT_GRANT for j in self.jobs.values())
         self.receive(timeout_ms=0 if busy else 50)
+        self.poll_transfers()
         self.preprocess_some()
         self.receive(timeout_ms=0)  # grants and heartbeats that came in meanwhile
+        self.poll_transfers()  # report finished writes before the next (blocking) ViT forward
         self.encode_batch()
         self.poll_transfers()
         self.expire()
