@@ -50,8 +50,7 @@ class EncodeServer:
             self.step()
 
     def step(self) -> None:
-        busy = any(j.stage is not Stage.AWAIT_GRANT for j in self.jobs.values())
-        self.receive(timeout_ms=0 if busy else 50)
+        self.receive(timeout_ms=self._idle_ms())
         self.poll_transfers()
         self.preprocess_some()
         self.receive(timeout_ms=0)  # grants and heartbeats that came in meanwhile
@@ -59,6 +58,20 @@ class EncodeServer:
         self.encode_batch()
         self.poll_transfers()
         self.expire()
+
+    def _idle_ms(self) -> int:
+        """How long ``receive`` may block: not at all while there is CPU work or a write that
+        started under 2 ms ago; 1 ms while only longer writes run (spinning would take CPU
+        from the transport's threads); 50 ms when idle."""
+        stages = [j.stage for j in self.jobs.values()]
+        if Stage.QUEUED in stages or Stage.AWAIT_VISION in stages:
+            return 0
+        now = time.perf_counter()
+        writes = [now - j.marks.get("transfer_start", now) for j in self.jobs.values()
+                  if j.stage is Stage.TRANSFERRING]  # fmt: skip
+        if writes:
+            return 0 if min(writes) < 2e-3 else 1
+        return 50
 
     def close(self) -> None:
         for job in list(self.jobs.values()):
