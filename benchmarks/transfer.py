@@ -33,6 +33,7 @@ from tqdm import tqdm
 import protocol as P
 from transfer import Destination, TransferState, make_sender, rows_checksum
 
+WARMUP = 3
 BACKENDS = ("mooncake", "shm", "raw-mooncake", "zmq-pickle", "zmq-zerocopy", "copy")
 FULL = {"hidden": (2048, 4096), "tokens": (256, 1024, 4096, 16384)}
 QUICK = {"hidden": (2048,), "tokens": (256, 1024, 4096)}
@@ -166,8 +167,9 @@ def _interleaved(
     """
     order = list(fns)
     rng = random.Random(0)
-    for name, fn in fns.items():
-        _timed(name, fn)
+    for _ in range(WARMUP):
+        for name, fn in fns.items():
+            _timed(name, fn)
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for r in range(max_reps):

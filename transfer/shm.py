@@ -160,12 +160,24 @@ class Sender(TransferSender):
                 shm.close()
         self._maps.clear()
 
+    def _forget_gone(self) -> None:
+        """Unmap segments whose receiver has gone (unlinked), e.g. after a language restart;
+        otherwise each restart would keep a whole old pool mapped here."""
+        for name in [n for n in self._maps if not os.path.exists(f"/dev/shm/{n}")]:
+            mapping, region = self._maps.pop(name)
+            del region
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a copy still views it; it goes away with that view
+
     def _region(self, session: str) -> torch.Tensor:
         name = session.removeprefix(_PREFIX)
         if not session.startswith(_PREFIX) or not _NAME.match(name):
             raise TransferError(f"not a shm session: {session!r}")
         with self._lock:
             if name not in self._maps:
+                self._forget_gone()
                 try:
                     mapping = _attach(name)
                 except FileNotFoundError as exc:

@@ -187,3 +187,22 @@ def test_mooncake_registered_sources(mode):
         sender.close()
         del buf
         receiver.close()
+
+
+def test_shm_sender_unmaps_a_restarted_receivers_old_pool():
+    sender = make_sender("shm")
+    try:
+        names = []
+        for seed in (7, 8):  # a receiver, then its replacement after a "restart"
+            receiver = make_receiver("shm")
+            buf = MultimodalDataBuffers(num_blocks=4, block_tokens=4, hidden=8, receiver=receiver)
+            e, d = payload(4, 8, torch.float32, seed=seed)
+            sender.submit(f"r{seed}", destination(buf, buf.alloc(4)), e, d)
+            assert sender.wait(f"r{seed}") is TransferState.DONE
+            sender.release(f"r{seed}")
+            names.append(receiver.session.removeprefix("shm://"))
+            del buf
+            receiver.close()
+        assert names[0] not in sender._maps  # dropped when the second pool was attached
+    finally:
+        sender.close()
