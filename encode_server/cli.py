@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from encode_server.config import EncodeConfig
+from transfer.registry import add_transport_flags
 
 
 def parse_args(argv: list[str] | None = None) -> EncodeConfig:
@@ -23,13 +24,7 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
     p.add_argument("--host", default=d["host"].default, help="address to bind (default loopback)")
     p.add_argument("--port", type=int, default=d["port"].default, help="ZeroMQ port to bind")
     p.add_argument("--encoder-id", default="", help="name in logs and /health (default host:port)")
-    p.add_argument("--transport", default="mooncake", choices=["mooncake", "shm"],
-                   help="data plane: mooncake (RDMA/TCP) or shm (same host)")  # fmt: skip
-    p.add_argument("--mooncake-protocol", default="tcp", choices=["tcp", "rdma"],
-                   help="Mooncake protocol (rdma on GPU nodes with RDMA NICs)")  # fmt: skip
-    p.add_argument("--mooncake-device", default="", help="RDMA device names, e.g. mlx5_0,mlx5_1")
-    p.add_argument("--advertise-host", default="",
-                   help="address other hosts reach this one at (default: --host)")  # fmt: skip
+    add_transport_flags(p, peers="language servers")
     p.add_argument("--device", default="cpu", help="torch device for the ViT (cpu, cuda:0, ...)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="ViT and data-plane dtype (must match the language server's)")  # fmt: skip

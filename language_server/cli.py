@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from language_server.config import LanguageConfig
+from transfer.registry import add_transport_flags
 
 
 def parse_args(argv: list[str] | None = None) -> LanguageConfig:
@@ -31,13 +32,7 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    help="generation engine: the transformers reference, or SGLang in process")  # fmt: skip
     p.add_argument("--sglang-args", default="", metavar="JSON",
                    help='extra SGLang ServerArgs for --engine sglang, e.g. \'{"tp_size": 8}\'')  # fmt: skip
-    p.add_argument("--transport", default="mooncake", choices=["mooncake", "shm"],
-                   help="data plane: mooncake (RDMA/TCP) or shm (same host)")  # fmt: skip
-    p.add_argument("--mooncake-protocol", default="tcp", choices=["tcp", "rdma"],
-                   help="Mooncake protocol (rdma on GPU nodes with RDMA NICs)")  # fmt: skip
-    p.add_argument("--mooncake-device", default="", help="RDMA device names, e.g. mlx5_0")
-    p.add_argument("--advertise-host", default="",
-                   help="address encoders reach this host at for data (default: --host)")  # fmt: skip
+    add_transport_flags(p, peers="encoders")
     p.add_argument("--device", default="cpu", help="torch device for the language model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="model and receive-buffer dtype (must match the encoders')")  # fmt: skip

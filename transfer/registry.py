@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import socket
 from typing import Any
@@ -41,3 +42,16 @@ def endpoint_options(name: str, hostname: str, protocol: str, device_name: str) 
     if name == "mooncake":
         return {"hostname": hostname, "protocol": protocol, "device_name": device_name}
     return {}
+
+
+def add_transport_flags(parser: argparse.ArgumentParser, peers: str) -> None:
+    """The data-plane flags both servers take: --transport, --mooncake-protocol,
+    --mooncake-device and --advertise-host (``peers``: who connects to this host)."""
+    parser.add_argument("--transport", default="mooncake", choices=sorted(BACKENDS),
+                        help="data plane: mooncake (RDMA/TCP) or shm (same host)")  # fmt: skip
+    parser.add_argument("--mooncake-protocol", default="tcp", choices=["tcp", "rdma"],
+                        help="Mooncake protocol (rdma on GPU nodes with RDMA NICs)")  # fmt: skip
+    parser.add_argument("--mooncake-device", default="",
+                        help="RDMA device names, e.g. mlx5_0,mlx5_1")  # fmt: skip
+    parser.add_argument("--advertise-host", default="",
+                        help=f"address {peers} reach this host at (default: --host)")  # fmt: skip
