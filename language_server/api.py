@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -90,27 +91,35 @@ def _error(status: int, message: str, retry_after_s: float = 0.0) -> JSONRespons
 
 
 async def _generate(service: ChatService, run: Running, ids: list[int]) -> AsyncIterator[str]:
-    """Text deltas with stop strings applied; appends the generated token ids to ``ids``."""
+    """Text deltas with stop strings applied; appends the generated token ids to ``ids``.
+
+    At a stop string the job is cancelled (closing ``service.tokens`` does that).
+    """
     detok = Detokenizer(service.tokenizer)
-    async for token in service.tokens(run):
-        ids.append(token)
-        delta = detok.push(token)
-        hit = _stop_hit(detok.text, run.request.stop)
-        if hit is not None:
-            run.request.timings["finish_reason"] = "stop"
-            keep = len(delta) - (len(detok.text) - hit)
-            yield delta[: max(0, keep)]
-            return
-        if delta:
-            yield delta
-    tail = detok.flush()
-    if tail:
-        yield tail
+    stops = run.request.stop
+    async with contextlib.aclosing(service.tokens(run)) as tokens:
+        async for token in tokens:
+            ids.append(token)
+            delta, stopped = _cut(detok.push(token), detok.text, stops)
+            if delta:
+                yield delta
+            if stopped:
+                run.request.timings["finish_reason"] = "stop"
+                return
+    delta, stopped = _cut(detok.flush(), detok.text, stops)
+    if stopped:
+        run.request.timings["finish_reason"] = "stop"
+    if delta:
+        yield delta
 
 
-def _stop_hit(text: str, stops: tuple[str, ...]) -> int | None:
+def _cut(delta: str, text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """``delta`` (the end of ``text``) cut before the first stop string in ``text``."""
     hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None
+    if not hits:
+        return delta, False
+    keep = len(delta) - (len(text) - min(hits))
+    return delta[: max(0, keep)], True
 
 
 def _finish(metrics: Metrics, run: Running, ids: list[int]) -> dict[str, Any]:

@@ -180,3 +180,18 @@ def test_shm_transport_end_to_end(tiny_model_dir, monolithic, encoder, make_imag
         assert c.health()["pool"]["free_blocks"] == c.health()["pool"]["total_blocks"]
     expected = _monolithic_tokens(monolithic, encoder.preprocessor.processor, theirs)
     assert reply["epd"]["token_ids"] == expected
+
+
+def test_stop_strings_cut_the_answer(cluster):
+    body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 12,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    status, whole = cluster.chat(body)
+    text = whole["choices"][0]["message"]["content"]
+    assert status == 200 and len(text) >= 4
+    stop = next(
+        ch for ch in text[2:] if ch != "\ufffd"
+    )  # tiny vocab: some tokens are partial bytes
+    status, cut = cluster.chat({**body, "stop": [stop]})
+    assert status == 200
+    assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
