@@ -44,7 +44,7 @@ class EncodeConfig:
         if min(self.max_batch_images, self.max_batch_tokens, self.max_queue) < 1:
             raise ValueError("--max-batch-images and --max-batch-tokens must be >= 1")
         if min(self.grant_timeout_s, self.transfer_timeout_s, self.peer_timeout_s) <= 0:
-            raise ValueError("timeouts and the heartbeat interval must be > 0")
+            raise ValueError("--grant-timeout, --transfer-timeout and --peer-timeout must be > 0")
 
     @property
     def bind_address(self) -> str:

@@ -46,8 +46,3 @@ class Pending:
     waiting_since: float = 0.0  # when it started waiting for free blocks (0: not waiting)
     attempts: int = 1
     marks: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def granted(self) -> bool:
-        """Blocks were granted and no TransferDone came: a write may be in flight."""
-        return self.blocks is not None
