@@ -49,6 +49,7 @@ class Row:
     gbps_median: float
     gbps_best: float
     ms_median: float
+    ms_rounds: list[float]  # one time per round, in round order (aligned across backends)
 
 
 class Bench:
@@ -153,7 +154,7 @@ def measure(
         med = statistics.median(times[name])
         best = min(times[name])
         yield Row(name, hidden, tokens, nbytes, len(times[name]), nbytes / med / 1e9,
-                  nbytes / best / 1e9, med * 1e3)  # fmt: skip
+                  nbytes / best / 1e9, med * 1e3, [round(t * 1e3, 4) for t in times[name]])  # fmt: skip
 
 
 def _interleaved(
