@@ -37,6 +37,10 @@ class EncodeServer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.auth = _secure(self.ctx, self.sock, config)
         self.sock.bind(config.bind_address)
+        self.poller = zmq.Poller()  # the socket, and the sender's completion fd when it has one
+        self.poller.register(self.sock, zmq.POLLIN)
+        if sender.completion_fd is not None:
+            self.poller.register(sender.completion_fd, zmq.POLLIN)
         self.jobs: dict[str, Job] = {}
         self.hello_sent: set[bytes] = set()
         self.peers: dict[bytes, float] = {}  # language servers: identity -> last heard from
@@ -60,12 +64,14 @@ class EncodeServer:
         self.expire()
 
     def _idle_ms(self) -> int:
-        """How long ``receive`` may block: not at all while there is CPU work or a write that
-        started under 2 ms ago; 1 ms while only longer writes run (spinning would take CPU
-        from the transport's threads); 50 ms when idle."""
+        """How long ``receive`` may block: not at all while there is CPU work; 50 ms when idle
+        or when the sender's completion fd wakes us as a write ends. A sender without one is
+        polled: at once while a write is under 2 ms old, then every 1 ms."""
         stages = [j.stage for j in self.jobs.values()]
         if Stage.QUEUED in stages or Stage.AWAIT_VISION in stages:
             return 0
+        if self.sender.completion_fd is not None:
+            return 50
         now = time.perf_counter()
         writes = [now - j.marks.get("transfer_start", now) for j in self.jobs.values()
                   if j.stage is Stage.TRANSFERRING]  # fmt: skip
@@ -83,7 +89,12 @@ class EncodeServer:
     # --- receive ----------------------------------------------------------------------------
 
     def receive(self, timeout_ms: int) -> None:
-        if not self.sock.poll(timeout_ms):
+        """Handle every waiting message; block up to ``timeout_ms`` for the first one (or for
+        a write to end)."""
+        ready = dict(self.poller.poll(timeout_ms))
+        if self.sender.completion_fd in ready:
+            self.sender.drain_completions()
+        if self.sock not in ready:
             return
         while True:
             try:

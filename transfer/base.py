@@ -14,6 +14,7 @@ abort while TRANSFERRING).
 from __future__ import annotations
 
 import enum
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -103,6 +104,42 @@ def plan_segments(dest: Destination, n_rows: int, embed_row: int, ds_row: int) -
     ]
 
 
+class Notifier:
+    """A pipe whose read end becomes readable when a write ends, for event loops to wait on.
+
+    ``notify`` may be called from any thread; ``drain`` empties the pipe (then ``poll`` tells
+    which requests ended). Closed with the sender.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def notify(self) -> None:
+        try:
+            os.write(self._w, b"!")
+        except OSError:
+            pass  # the pipe is full (a wake-up is already pending) or closed
+
+    def drain(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except OSError:
+            pass  # empty (BlockingIOError) or closed
+
+    def close(self) -> None:
+        """Idempotent (the descriptors are forgotten, never closed twice)."""
+        fds, self._r, self._w = (self._r, self._w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
+
 class TransferReceiver(ABC):
     """Language side of a transport. Created once per language process."""
 
@@ -159,6 +196,18 @@ class TransferSender(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release everything. Idempotent."""
+
+    @property
+    def completion_fd(self) -> int | None:
+        """A file descriptor that becomes readable when a write ends, or None.
+
+        An event loop can wait on it (e.g. in a ``zmq.Poller``) instead of polling on a timer;
+        after it fires, call ``drain_completions`` and then ``poll`` the requests in flight.
+        """
+        return None
+
+    def drain_completions(self) -> None:  # noqa: B027 - optional: only with a completion_fd
+        """Empty ``completion_fd`` (a no-op without one)."""
 
     def wait(self, rid: str, timeout_s: float = 60.0) -> TransferState:
         """Poll until ``rid`` is terminal or ``timeout_s`` passes (then FAILED).

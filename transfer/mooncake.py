@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from transfer.base import (
     Destination,
+    Notifier,
     TransferError,
     TransferReceiver,
     TransferSender,
@@ -82,6 +84,7 @@ class _Inflight:
     batch_id: int
     sources: tuple[torch.Tensor, ...]
     registered: list[int] = field(default_factory=list)
+    ended: Future[int] | None = None  # Mooncake's status code once the write has ended
     state: TransferState = TransferState.TRANSFERRING
 
 
@@ -93,6 +96,12 @@ class Sender(TransferSender):
     other source is registered for the request and unregistered on ``release`` (this scales
     with size: about 3 ms for 64 MiB here). Over TCP Mooncake copies from any address, so by
     default nothing is registered there.
+
+    Mooncake's Python ``get_batch_transfer_status`` does not return until the batch has ended
+    (it spins, without the GIL, as its own ``batch_transfer_sync_write`` does). So one waiter
+    thread calls it for each batch in submission order, and ``poll`` only reads the outcome:
+    ``poll`` never blocks, and ``completion_fd`` wakes an event loop when a write ends. A
+    write to a fast peer submitted after one to a slow peer is reported after it.
     """
 
     name = "mooncake"
@@ -108,6 +117,8 @@ class Sender(TransferSender):
         self._register = protocol != "tcp" if register_sources is None else register_sources
         self._arenas: list[tuple[int, int, torch.Tensor]] = []
         self._inflight: dict[str, _Inflight] = {}
+        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mooncake-wait")
+        self._notifier = Notifier()
 
     def register_arena(self, arena: torch.Tensor) -> None:
         """Register ``arena`` once; sources that lie inside it are not registered per request.
@@ -145,20 +156,46 @@ class Sender(TransferSender):
         if not entry.batch_id or entry.batch_id < 0:
             self._unregister(entry)
             raise TransferError(f"Mooncake refused the batch write to {dest.session}")
+        entry.ended = self._waiter.submit(self._await, entry.batch_id)
+        entry.ended.add_done_callback(lambda _: self._notifier.notify())  # after the outcome
         self._inflight[rid] = entry
+
+    def _await(self, batch_id: int) -> int:
+        """On the waiter thread: block until the batch ends (Mooncake frees it then)."""
+        return int(self._engine.get_batch_transfer_status([batch_id]))
 
     def poll(self, rid: str) -> TransferState:
         entry = self._inflight.get(rid)
         if entry is None:
             return TransferState.WAITING
-        if not entry.state.terminal:
-            status = self._engine.get_batch_transfer_status([entry.batch_id])
+        if not entry.state.terminal and entry.ended is not None and entry.ended.done():
+            error = entry.ended.exception()
+            status = -1 if error is not None else entry.ended.result()
             if status == 0:
                 entry.state = TransferState.DONE
-            elif status < 0:
+            else:
                 entry.state = TransferState.FAILED
-                log.warning("transfer of %s failed (status %s)", rid, status)
+                log.warning("transfer of %s failed (status %s)", rid, error or status)
         return entry.state
+
+    def wait(self, rid: str, timeout_s: float = 60.0) -> TransferState:
+        """Block on the waiter's outcome (woken when the write ends, no polling)."""
+        entry = self._inflight.get(rid)
+        if entry is None:
+            return TransferState.WAITING
+        if entry.ended is not None and not entry.state.terminal:
+            try:
+                entry.ended.exception(timeout=timeout_s)
+            except TimeoutError:
+                return TransferState.FAILED
+        return self.poll(rid)
+
+    @property
+    def completion_fd(self) -> int | None:
+        return self._notifier.fileno()
+
+    def drain_completions(self) -> None:
+        self._notifier.drain()
 
     def release(self, rid: str) -> None:
         entry = self._inflight.get(rid)
@@ -172,9 +209,11 @@ class Sender(TransferSender):
     def close(self) -> None:
         for rid in list(self._inflight):
             self.release(rid)
+        self._waiter.shutdown(wait=True)
         for start, _, _ in self._arenas:
             self._engine.unregister_memory(start)
         self._arenas.clear()
+        self._notifier.close()
 
     def write_raw(self, session: str, src: list[int], dst: list[int], sizes: list[int]) -> int:
         """Plain ``batch_transfer_sync_write`` on this sender's engine (blocking).

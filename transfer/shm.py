@@ -20,6 +20,7 @@ import torch
 
 from transfer.base import (
     Destination,
+    Notifier,
     TransferError,
     TransferReceiver,
     TransferSender,
@@ -97,6 +98,7 @@ class Sender(TransferSender):
         self._inflight: dict[str, Future[None]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shm-copy")
         self._lock = threading.Lock()
+        self._notifier = Notifier()
 
     def submit(
         self, rid: str, dest: Destination, embeds: torch.Tensor, deepstack: torch.Tensor
@@ -124,6 +126,7 @@ class Sender(TransferSender):
                 fut.set_exception(exc)
         else:
             fut = self._pool.submit(_copy, region, jobs)
+        fut.add_done_callback(lambda _: self._notifier.notify())  # runs at once if done
         self._inflight[rid] = fut
 
     def poll(self, rid: str) -> TransferState:
@@ -146,6 +149,13 @@ class Sender(TransferSender):
             pass
         return self.poll(rid)
 
+    @property
+    def completion_fd(self) -> int | None:
+        return self._notifier.fileno()
+
+    def drain_completions(self) -> None:
+        self._notifier.drain()
+
     def release(self, rid: str) -> None:
         fut = self._inflight.pop(rid, None)
         if fut is not None:
@@ -155,6 +165,7 @@ class Sender(TransferSender):
         for rid in list(self._inflight):
             self.release(rid)
         self._pool.shutdown(wait=True)
+        self._notifier.close()
         for shm, _ in self._maps.values():
             with contextlib.suppress(BufferError):
                 shm.close()

@@ -1,6 +1,8 @@
 """One contract suite, run against every transfer backend."""
 
 import multiprocessing as mp
+import select
+import time
 
 import pytest
 import torch
@@ -70,6 +72,38 @@ def test_contiguous_blocks_coalesce_into_one_segment(pool, sender):
     sender.submit("c", dest, e, d)
     assert sender.wait("c") is TransferState.DONE
     assert torch.equal(pool.gather(blocks, 12)[1], d)
+
+
+def test_poll_never_blocks_and_completion_fd_wakes_a_loop(backend, sender):
+    """A 64 MiB write: poll answers at once while it runs, and the fd wakes a select() when
+    it ends. (Mooncake's own status call blocks until the end; poll must not.)"""
+    receiver = make_receiver(backend)
+    hidden, n = 2048, 2048  # float32: 64 MiB in all
+    buf = MultimodalDataBuffers(num_blocks=1, block_tokens=n, hidden=hidden, receiver=receiver)
+    try:
+        e, d = payload(n, hidden, torch.float32, seed=5)
+        fd = sender.completion_fd
+        assert fd is not None
+        start = time.perf_counter()
+        sender.submit("big", destination(buf, [0]), e, d)
+        t0 = time.perf_counter()
+        first = sender.poll("big")
+        first_poll_s = time.perf_counter() - t0
+        state, polls = first, 1
+        while not state.terminal:
+            readable, _, _ = select.select([fd], [], [], 30)
+            assert readable, "the completion fd never became readable"
+            sender.drain_completions()
+            state, polls = sender.poll("big"), polls + 1
+        total_s = time.perf_counter() - start
+        assert state is TransferState.DONE
+        assert first_poll_s < 0.25 * total_s, (first_poll_s, total_s)
+        assert polls <= 3  # woken by the fd, not by spinning
+        assert torch.equal(buf.gather([0], n)[1], d)
+        sender.release("big")
+    finally:
+        del buf
+        receiver.close()
 
 
 def test_empty_request_is_done_at_once(pool, sender):
