@@ -189,8 +189,10 @@ class TransferSender(ABC):
     def release(self, rid: str) -> None:
         """Forget ``rid`` and free what the sender holds for it. Idempotent.
 
-        Releasing a request that is still TRANSFERRING waits for the transport to stop touching
-        the source tensors (bounded by the transport's own timeout).
+        Also allowed while the request is TRANSFERRING (abort): the sender then either waits
+        until the transport stops reading the sources (``shm``: a local copy) or keeps its own
+        references to them until then (``mooncake``: never blocks). Either way the caller may
+        drop its references to the sources once ``release`` returns.
         """
 
     @abstractmethod

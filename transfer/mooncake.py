@@ -28,6 +28,8 @@ from transfer.base import (
 
 log = logging.getLogger(__name__)
 
+MAX_IDLE_WAITERS = 8  # waiter threads kept for peers with nothing in flight
+
 _INSTALL_HINT = (
     "install `mooncake-transfer-engine-non-cuda` (CPU nodes) or `mooncake-transfer-engine` "
     "(CUDA nodes), never both; on Debian also `apt-get install libibverbs1 libnl-3-200 "
@@ -84,6 +86,7 @@ class _Inflight:
     batch_id: int
     sources: tuple[torch.Tensor, ...]
     registered: list[int] = field(default_factory=list)
+    session: str = ""
     ended: Future[int] | None = None  # Mooncake's status code once the write has ended
     state: TransferState = TransferState.TRANSFERRING
 
@@ -98,10 +101,12 @@ class Sender(TransferSender):
     default nothing is registered there.
 
     Mooncake's Python ``get_batch_transfer_status`` does not return until the batch has ended
-    (it spins, without the GIL, as its own ``batch_transfer_sync_write`` does). So one waiter
-    thread calls it for each batch in submission order, and ``poll`` only reads the outcome:
-    ``poll`` never blocks, and ``completion_fd`` wakes an event loop when a write ends. A
-    write to a fast peer submitted after one to a slow peer is reported after it.
+    (it spins, without the GIL, as its own ``batch_transfer_sync_write`` does). So a waiter
+    thread per peer calls it for each batch in submission order, and ``poll`` only reads the
+    outcome: ``poll`` never blocks, ``completion_fd`` wakes an event loop when a write ends,
+    and a peer that stops answering delays only its own writes. ``release`` never blocks
+    either: a write still running keeps its sources (and their registration) here until
+    Mooncake stops reading them.
     """
 
     name = "mooncake"
@@ -117,7 +122,8 @@ class Sender(TransferSender):
         self._register = protocol != "tcp" if register_sources is None else register_sources
         self._arenas: list[tuple[int, int, torch.Tensor]] = []
         self._inflight: dict[str, _Inflight] = {}
-        self._waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mooncake-wait")
+        self._draining: list[_Inflight] = []  # released while Mooncake still reads them
+        self._waiters: dict[str, ThreadPoolExecutor] = {}  # peer session -> its waiter
         self._notifier = Notifier()
 
     def register_arena(self, arena: torch.Tensor) -> None:
@@ -146,7 +152,7 @@ class Sender(TransferSender):
         src = [e0 + s.row * e_row for s in segs] + [d0 + s.row * d_row for s in segs]
         dst = [s.embed_addr for s in segs] + [s.deepstack_addr for s in segs]
         sizes = [s.rows * e_row for s in segs] + [s.rows * d_row for s in segs]
-        entry = _Inflight(0, (embeds, deepstack))
+        entry = _Inflight(0, (embeds, deepstack), session=dest.session)
         try:
             self._register_sources(entry)
             entry.batch_id = self._engine.batch_transfer_async_write(dest.session, src, dst, sizes)
@@ -156,9 +162,24 @@ class Sender(TransferSender):
         if not entry.batch_id or entry.batch_id < 0:
             self._unregister(entry)
             raise TransferError(f"Mooncake refused the batch write to {dest.session}")
-        entry.ended = self._waiter.submit(self._await, entry.batch_id)
+        entry.ended = self._waiter(dest.session).submit(self._await, entry.batch_id)
         entry.ended.add_done_callback(lambda _: self._notifier.notify())  # after the outcome
         self._inflight[rid] = entry
+
+    def _waiter(self, session: str) -> ThreadPoolExecutor:
+        """The waiter thread for ``session``; waiters of idle peers beyond the newest
+        ``MAX_IDLE_WAITERS`` are stopped (a restarted language server is a new session)."""
+        self._reap()
+        waiter = self._waiters.pop(session, None)
+        if waiter is None:
+            waiter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mooncake-wait")
+        self._waiters[session] = waiter  # newest last
+        entries = [*self._inflight.values(), *self._draining]
+        busy = {e.session for e in entries if e.ended is not None and not e.ended.done()}
+        idle = [s for s in self._waiters if s != session and s not in busy]
+        for old in idle[: max(0, len(idle) - MAX_IDLE_WAITERS)]:
+            self._waiters.pop(old).shutdown(wait=False)
+        return waiter
 
     def _await(self, batch_id: int) -> int:
         """On the waiter thread: block until the batch ends (Mooncake frees it then)."""
@@ -198,18 +219,31 @@ class Sender(TransferSender):
         self._notifier.drain()
 
     def release(self, rid: str) -> None:
-        entry = self._inflight.get(rid)
-        if entry is None:
-            return
-        if not entry.state.terminal:
-            self.wait(rid, timeout_s=30.0)
-        self._unregister(entry)
-        del self._inflight[rid]
+        """Forget ``rid`` at once; a write still running keeps its sources until it ends."""
+        entry = self._inflight.pop(rid, None)
+        if entry is not None:
+            self._draining.append(entry)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Unregister and drop the sources of released writes that Mooncake has finished."""
+        still = []
+        for entry in self._draining:
+            if entry.ended is None or entry.ended.done():
+                self._unregister(entry)
+            else:
+                still.append(entry)
+        self._draining = still
 
     def close(self) -> None:
+        """Release everything; waits until Mooncake stops reading every source (bounded by
+        Mooncake's own transfer timeout)."""
         for rid in list(self._inflight):
             self.release(rid)
-        self._waiter.shutdown(wait=True)
+        for waiter in self._waiters.values():
+            waiter.shutdown(wait=True)
+        self._waiters.clear()
+        self._reap()
         for start, _, _ in self._arenas:
             self._engine.unregister_memory(start)
         self._arenas.clear()
