@@ -83,23 +83,41 @@ class Peer:
         self.receivers.clear()
 
 
-def _unpickle_copy(frames: list[zmq.Frame]) -> int:
+def _unpickle_copy(frames: list[zmq.Frame]) -> list[torch.Tensor]:
     meta = pickle.loads(frames[1].bytes)
-    tensors = [
+    return [
         torch.frombuffer(f.buffer, dtype=meta["dtype"]).view(shape).clone()
         for f, shape in zip(frames[2:], meta["shapes"], strict=True)
     ]
-    return sum(t.numel() for t in tensors)
 
 
-def serve(address: str) -> None:
-    """Bind ``address`` and answer until ``quit``. Every command gets exactly one reply."""
+def serve(control: str, bulk: str) -> None:
+    """Bind both sockets and answer until ``quit``. Every command gets exactly one reply, on
+    the socket it came in on: ``control`` for commands and our paths, ``bulk`` for the ZeroMQ
+    baselines' tensor frames."""
     torch.set_num_threads(1)
-    sock = zmq.Context.instance().socket(zmq.PAIR)
-    sock.bind(address)
+    ctx = zmq.Context.instance()
+    sock, data = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    sock.bind(control)
+    data.bind(bulk)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(data, zmq.POLLIN)
     peer = Peer()
+    kept: object = None  # what the receiver of a ZeroMQ baseline holds (its received data)
     try:
         while True:
+            ready = dict(poller.poll())
+            if data in ready:
+                frames = data.recv_multipart(copy=False)
+                if frames[0].bytes == b"drop":  # untimed: let go of the last baseline's data
+                    kept = None
+                    data.send(b"ok")
+                else:
+                    kept, answer = _bulk(frames)
+                    data.send(answer)
+            if sock not in ready:
+                continue
             frames = sock.recv_multipart(copy=False)
             cmd = frames[0].bytes
             if cmd == b"quit":
@@ -110,12 +128,20 @@ def serve(address: str) -> None:
                 sock.send(msgpack.packb(peer.setup(**args)))
             elif cmd == b"ours":
                 sock.send(peer.handle(frames[1].bytes.decode(), frames[2].bytes))
-            elif cmd == b"pickle":
-                sock.send(str(_unpickle_copy(frames)).encode())
-            elif cmd == b"zcopy":
-                sock.send(str(sum(len(f.buffer) for f in frames[1:])).encode())
             else:
                 sock.send(b"?")
     finally:
         peer.close()
         sock.close(linger=0)
+        data.close(linger=0)
+
+
+def _bulk(frames: list[zmq.Frame]) -> tuple[object, bytes]:
+    """A ZeroMQ baseline's receive: what the receiver now holds, and the answer."""
+    cmd = frames[0].bytes
+    if cmd == b"pickle":  # SGLang-style: copy out of the message into new tensors
+        tensors = _unpickle_copy(frames)
+        return tensors, str(sum(t.numel() for t in tensors)).encode()
+    if cmd == b"zcopy":  # zero-copy: the frames are the data
+        return frames, str(sum(len(f.buffer) for f in frames[1:])).encode()
+    return None, b"?"

@@ -162,7 +162,12 @@ class Sender(TransferSender):
         if not entry.batch_id or entry.batch_id < 0:
             self._unregister(entry)
             raise TransferError(f"Mooncake refused the batch write to {dest.session}")
-        entry.ended = self._waiter(dest.session).submit(self._await, entry.batch_id)
+        try:
+            entry.ended = self._waiter(dest.session).submit(self._await, entry.batch_id)
+        except RuntimeError as exc:  # the sender was closed meanwhile: no waiter to hand it to
+            self._await(entry.batch_id)  # Mooncake must stop reading before we unregister
+            self._unregister(entry)
+            raise TransferError(f"sender is closed: {exc}") from exc
         entry.ended.add_done_callback(lambda _: self._notifier.notify())  # after the outcome
         self._inflight[rid] = entry
 
