@@ -101,7 +101,7 @@ class Bench:
         ids = [0] * n
         req = P.AllocRequest(
             rid=rid, encoder_id="bench", n_tokens=n, hidden=e.shape[1], dtype="bfloat16",
-            input_ids=ids, positions=[ids, ids, ids],
+            input_ids=P.int32s(ids), positions=P.int32s([ids, ids, ids]),
         )  # fmt: skip
         grant = P.decode_as(self.call(b"ours", name.encode(), P.encode(req)), P.AllocGrant)
         dest = Destination(

@@ -174,8 +174,8 @@ class EncodeServer:
                 n_tokens=prompt.n_vis,
                 hidden=self.encoder.hidden,
                 dtype=self.dtype,  # type: ignore[arg-type]
-                input_ids=prompt.input_ids.tolist(),
-                positions=prompt.positions.tolist(),
+                input_ids=P.int32s(prompt.input_ids.numpy()),
+                positions=P.int32s(prompt.positions.numpy()),
                 image_grid_thw=prompt.image_grid_thw.tolist(),
             ),
         )

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
 import torch
 
 import protocol as P
@@ -95,8 +96,8 @@ class Receiver:
                 req, RequestError(502, f"bad allocation request: {problem}"), deny="bad_request"
             )
             return
-        if len(msg.input_ids) > self.max_prompt_tokens:
-            err = RequestError(400, f"prompt has {len(msg.input_ids)} tokens, the limit is "
+        if msg.seq_len > self.max_prompt_tokens:
+            err = RequestError(400, f"prompt has {msg.seq_len} tokens, the limit is "
                                f"{self.max_prompt_tokens}")  # fmt: skip
             self.fail(req, err, deny="bad_request")
             return
@@ -120,7 +121,7 @@ class Receiver:
             return "duplicate AllocRequest"
         if msg.hidden != self.buffers.hidden or msg.dtype != self.dtype:
             return f"rows are {msg.dtype} x {msg.hidden}, the pool {self.dtype} x {self.buffers.hidden}"
-        n_image = sum(1 for t in msg.input_ids if t == self.image_token_id)
+        n_image = int((msg.token_ids() == self.image_token_id).sum())
         if n_image != msg.n_tokens:
             return f"{msg.n_tokens} visual tokens announced, the prompt has {n_image} image pads"
         grid_tokens = sum(t * h * w for t, h, w in msg.image_grid_thw) // self.merge_size**2
@@ -166,10 +167,10 @@ class Receiver:
             self.fail(req, RequestError(502, "received rows do not match the sender's checksum"))
             return
         req.marks["done_received"] = time.perf_counter()
-        ids = torch.tensor(alloc.input_ids, dtype=torch.long)
+        ids = torch.from_numpy(alloc.token_ids().astype(np.int64))
         prompt = ReceivedPrompt(
             input_ids=ids,
-            positions=torch.tensor(alloc.positions, dtype=torch.long),
+            positions=torch.from_numpy(alloc.position_ids().astype(np.int64)),
             visual_mask=ids == self.image_token_id,
             embeds=embeds,
             deepstack=deepstack,

@@ -17,6 +17,7 @@ from protocol.messages import (
     Heartbeat,
     Message,
     TransferDone,
+    int32s,
 )
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "ProtocolError",
     "TransferDone",
     "decode",
+    "int32s",
     "decode_as",
     "encode",
 ]

@@ -71,7 +71,8 @@ class ScriptedEncoder:
         pos = list(range(len(ids)))
         return P.AllocRequest(
             rid=rid, encoder_id="scripted", n_tokens=n_vis, hidden=self.hidden, dtype="float32",
-            input_ids=ids, positions=[pos, pos, pos], image_grid_thw=[[1, 2, 2 * n_vis]],
+            input_ids=P.int32s(ids), positions=P.int32s([pos, pos, pos]),
+            image_grid_thw=[[1, 2, 2 * n_vis]],
         )  # fmt: skip
 
     def write(self, grant: P.AllocGrant, seed: int = 0) -> int:

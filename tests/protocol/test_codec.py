@@ -28,8 +28,8 @@ def samples() -> list[P.Message]:
             n_tokens=2,
             hidden=64,
             dtype="bfloat16",
-            input_ids=[1, 5, 5, 7],
-            positions=[[0, 1, 1, 3], [0, 1, 2, 3], [0, 1, 1, 3]],
+            input_ids=P.int32s([1, 5, 5, 7]),
+            positions=P.int32s([[0, 1, 1, 3], [0, 1, 2, 3], [0, 1, 1, 3]]),
         ),
         P.AllocGrant(
             rid="r-1",
@@ -80,7 +80,7 @@ def _tamper(msg: P.Message, **changes) -> bytes:
 @pytest.mark.parametrize(
     "changes, reason",
     [
-        ({"version": 2}, "unsupported protocol version 2"),
+        ({"version": 1}, "unsupported protocol version 1"),  # the list-encoded prompts
         ({"type": "nope"}, "Invalid value 'nope'"),
         ({"extra": 1}, "unknown field"),
         ({"n_tokens": 49}, "need 4"),
@@ -101,11 +101,27 @@ def test_invalid_grant_rejected_with_reason(changes, reason):
 def test_alloc_request_cross_field_checks():
     req = next(m for m in samples() if isinstance(m, P.AllocRequest))
     with pytest.raises(P.ProtocolError, match=r"positions must be \[3\]"):
-        P.decode(_tamper(req, positions=[[0], [0], [0]]))
+        P.decode(_tamper(req, positions=P.int32s([[0], [0], [0]])))
     with pytest.raises(P.ProtocolError, match="more visual tokens"):
         P.decode(_tamper(req, n_tokens=5))
-    with pytest.raises(P.ProtocolError, match="length"):
-        P.decode(_tamper(req, positions=[[0, 1, 2, 3]] * 4))
+    with pytest.raises(P.ProtocolError, match=r"positions must be \[3\]"):
+        P.decode(_tamper(req, positions=P.int32s([[0, 1, 2, 3]] * 4)))
+    with pytest.raises(P.ProtocolError, match="whole number of int32"):
+        P.decode(_tamper(req, input_ids=b"\x01\x00\x00"))
+    with pytest.raises(P.ProtocolError, match="negative token id"):
+        P.decode(_tamper(req, input_ids=P.int32s([1, 5, 5, 7])[:-4] + b"\xff\xff\xff\xff"))
+    with pytest.raises(P.ProtocolError, match="negative position"):
+        P.decode(_tamper(req, positions=b"\xff\xff\xff\xff" + req.positions[4:]))
+    with pytest.raises(P.ProtocolError, match="Expected `bytes`"):
+        P.decode(_tamper(req, input_ids=[1, 5, 5, 7]))  # the old list form is refused
+    assert req.token_ids().tolist() == [1, 5, 5, 7] and req.position_ids().shape == (3, 4)
+
+
+def test_int32s_refuses_values_outside_int32():
+    with pytest.raises(ValueError):
+        P.int32s([1 << 31])
+    with pytest.raises(ValueError):
+        P.int32s([-1])
 
 
 def test_encode_request_image_references_checked():
