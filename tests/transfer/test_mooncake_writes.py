@@ -1,4 +1,4 @@
-"""Mooncake sender: a stalled peer delays only its own writes, and release never blocks."""
+"""Mooncake sender: a stalled peer delays only its own writes, and poll/release never block."""
 
 from __future__ import annotations
 
@@ -83,11 +83,9 @@ def test_released_sources_live_until_the_write_ends():
         sender.release("r")
         del e, d  # the caller lets go at once, as the encode server does on an abort
         assert alive() is not None or torch.equal(buf.deepstack, want)
-        fd = sender.completion_fd
-        assert fd is not None
         deadline = time.monotonic() + 30
         while sender._draining and time.monotonic() < deadline:
-            os.read(fd, 64) if _readable(fd, 0.5) else None
+            time.sleep(1e-3)
             sender.release("nothing")  # any call reaps finished writes
         assert sender._draining == [] and alive() is None
         assert torch.equal(buf.deepstack, want)  # the write completed into the pool
@@ -95,9 +93,3 @@ def test_released_sources_live_until_the_write_ends():
         sender.close()
         del buf
         receiver.close()
-
-
-def _readable(fd: int, timeout_s: float) -> bool:
-    import select
-
-    return bool(select.select([fd], [], [], timeout_s)[0])
