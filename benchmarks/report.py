@@ -73,6 +73,12 @@ def ratios(rows: list[Any]) -> list[str]:
         if "shm" in by and best_zmq and mib >= 1:
             r = by["shm"].gbps_median / best_zmq
             out.append(f"{tag}: shm / best zmq = {r:.2f} (target >= 1) {_ok(r >= 1.0)}")
+        for ours, base in (("mooncake-granted", "raw-mooncake"), ("shm-granted", "copy")):
+            if {ours, base} <= by.keys() and mib >= 16:
+                med, lo, hi = paired(by[ours], by[base])
+                r = by[ours].gbps_median / by[base].gbps_median
+                out.append(f"{tag}: {ours} / {base} = {r:.2f}; paired per round {med:.2f} "
+                           f"[95% CI {lo:.2f}-{hi:.2f}] (informational: grant already here)")  # fmt: skip
         if "mooncake" in by and best_zmq:
             r = by["mooncake"].gbps_median / best_zmq
             out.append(f"{tag}: mooncake(tcp) / best zmq = {r:.2f} (informational)")

@@ -4,6 +4,8 @@ For each payload (hidden size x visual tokens, bf16) it measures, in the same ru
 
     mooncake      our path: AllocRequest -> AllocGrant -> batch write -> TransferDone -> ack
     shm           our path over POSIX shared memory (same host)
+    *-granted     the same, with the clock started once the grant is here: the encode server
+                  asks for it before its ViT forward, so in serving it is usually waiting
     raw-mooncake  Mooncake batch_transfer_sync_write of the same bytes (no control plane)
     zmq-pickle    SGLang-style: pickled metadata + tensor frames, receiver copies into a tensor
     zmq-zerocopy  pyzmq send(copy=False), receiver keeps the frames
@@ -35,7 +37,10 @@ import protocol as P
 from transfer import Destination, TransferState, make_sender, rows_checksum
 
 WARMUP = 3
-BACKENDS = ("mooncake", "shm", "raw-mooncake", "zmq-pickle", "zmq-zerocopy", "copy")
+BACKENDS = (
+    "mooncake", "shm", "raw-mooncake", "zmq-pickle", "zmq-zerocopy", "copy",
+    "mooncake-granted", "shm-granted",
+)  # fmt: skip
 FULL = {"hidden": (2048, 4096), "tokens": (256, 1024, 4096, 16384)}
 QUICK = {"hidden": (2048,), "tokens": (256, 1024, 4096)}
 
@@ -93,8 +98,12 @@ class Bench:
         args = {"hidden": hidden, "tokens": tokens, "dtype": "bfloat16"}
         self.targets = msgpack.unpackb(self.call(b"setup", msgpack.packb(args)))
 
-    def ours(self, name: str, e: torch.Tensor, d: torch.Tensor) -> float:
-        """One request end to end; returns its seconds, ending when the receiver verified it."""
+    def ours(self, name: str, e: torch.Tensor, d: torch.Tensor, granted: bool = False) -> float:
+        """One request end to end; returns its seconds, ending when the receiver verified it.
+
+        ``granted``: start the clock after the grant arrived (as when the encode server's
+        AllocRequest travels during its ViT forward), not before the AllocRequest.
+        """
         t0 = time.perf_counter()
         self.seq += 1
         rid, n = f"bench-{self.seq}", e.shape[0]
@@ -104,6 +113,8 @@ class Bench:
             input_ids=P.int32s(ids), positions=P.int32s([ids, ids, ids]),
         )  # fmt: skip
         grant = P.decode_as(self.call(b"ours", name.encode(), P.encode(req)), P.AllocGrant)
+        if granted:
+            t0 = time.perf_counter()
         dest = Destination(
             grant.session,
             grant.block_tokens,
@@ -167,6 +178,8 @@ def measure(
     fns: dict[str, Callable[[], float | None]] = {
         "mooncake": lambda: bench.ours("mooncake", e, d),
         "shm": lambda: bench.ours("shm", e, d),
+        "mooncake-granted": lambda: bench.ours("mooncake", e, d, granted=True),
+        "shm-granted": lambda: bench.ours("shm", e, d, granted=True),
         "raw-mooncake": lambda: bench.raw(e, d),
         "zmq-pickle": lambda: bench.zmq_pickle(e, d),
         "zmq-zerocopy": lambda: bench.zmq_zerocopy(e, d),
