@@ -179,8 +179,10 @@ class Sender(TransferSender):
             status = self._engine.transfer_check_status(batch)
             if status == 0:
                 still.append(batch)
-            elif status < 0:  # -1 failed (freed), -2 timed out (Mooncake keeps it)
+            elif status < 0:
                 entry.failed = True
+                if status == -2:  # timed out, not freed: it may still read the sources
+                    still.append(batch)
         entry.pending = still
 
     def wait(self, rid: str, timeout_s: float = 60.0) -> TransferState:
@@ -213,7 +215,7 @@ class Sender(TransferSender):
                 self._unregister(entry)
         self._draining = still
 
-    def close(self, timeout_s: float = 120.0) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
         """Release everything; waits (up to ``timeout_s``) until Mooncake stops reading every
         source, then leaves what is still running registered rather than free it under it."""
         for rid in list(self._inflight):
