@@ -47,15 +47,17 @@ def paired(a: Any, b: Any) -> tuple[float, float, float]:
     return statistics.median(per_round), lo, hi
 
 
-def _target(tag: str, a: Any, b: Any, target: float) -> str:
-    """One target line: ratio of the medians (the verdict) and the paired per-round ratio."""
+def _compare(tag: str, a: Any, b: Any, target: float | None = None, note: str = "") -> str:
+    """One line: the ratio of the medians (the verdict, when there is a ``target``) and the
+    paired per-round ratio with its interval."""
     r = a.gbps_median / b.gbps_median
     med, lo, hi = paired(a, b)
-    noise = " (within noise)" if lo < target <= hi or hi < target <= lo else ""
-    return (
-        f"{tag}: {a.backend} / {b.backend} = {r:.2f} (target >= {target:g}) {_ok(r >= target)}; "
-        f"paired per round {med:.2f} [95% CI {lo:.2f}-{hi:.2f}]{noise}"
-    )
+    line = f"{tag}: {a.backend} / {b.backend} = {r:.2f}"
+    if target is not None:
+        line += f" (target >= {target:g}) {_ok(r >= target)}"
+        if lo < target <= hi or hi < target <= lo:
+            note = " (within noise)" + note
+    return f"{line}; paired per round {med:.2f} [95% CI {lo:.2f}-{hi:.2f}]{note}"
 
 
 def ratios(rows: list[Any]) -> list[str]:
@@ -66,19 +68,17 @@ def ratios(rows: list[Any]) -> list[str]:
         mib = next(iter(by.values())).bytes / MIB
         tag = f"H={hidden} n={tokens} ({mib:.0f} MiB)"
         if {"mooncake", "raw-mooncake"} <= by.keys() and mib >= 16:
-            out.append(_target(tag, by["mooncake"], by["raw-mooncake"], 0.9))
+            out.append(_compare(tag, by["mooncake"], by["raw-mooncake"], 0.9))
         if {"shm", "copy"} <= by.keys() and mib == 16:
-            out.append(_target(tag, by["shm"], by["copy"], 0.5))
+            out.append(_compare(tag, by["shm"], by["copy"], 0.5))
         best_zmq = max((by[z].gbps_median for z in zmq if z in by), default=None)
         if "shm" in by and best_zmq and mib >= 1:
             r = by["shm"].gbps_median / best_zmq
             out.append(f"{tag}: shm / best zmq = {r:.2f} (target >= 1) {_ok(r >= 1.0)}")
         for ours, base in (("mooncake-granted", "raw-mooncake"), ("shm-granted", "copy")):
             if {ours, base} <= by.keys() and mib >= 16:
-                med, lo, hi = paired(by[ours], by[base])
-                r = by[ours].gbps_median / by[base].gbps_median
-                out.append(f"{tag}: {ours} / {base} = {r:.2f}; paired per round {med:.2f} "
-                           f"[95% CI {lo:.2f}-{hi:.2f}] (informational: grant already here)")  # fmt: skip
+                note = " (informational: grant already here)"
+                out.append(_compare(tag, by[ours], by[base], note=note))
         if "mooncake" in by and best_zmq:
             r = by["mooncake"].gbps_median / best_zmq
             out.append(f"{tag}: mooncake(tcp) / best zmq = {r:.2f} (informational)")
