@@ -1,11 +1,12 @@
 """encode_server: the encoder half of disaggregated Qwen3-VL-MoE.
 
-Owns the processor (chat template, tokenizer, image preprocessing, M-RoPE positions) and the ViT;
-never loads a decoder layer and never imports ``language_server``.
+Flow v3: gets one image's encoded bytes per encode job (the language side prepares the prompt and
+never sends its text here); owns the pixels and the ViT; never loads a decoder layer and never
+imports ``language_server``.
 
-- ``images``: untrusted chat messages -> validated template messages and PIL images.
-- ``preprocess``: messages -> ``PreprocessedPrompt`` (ids, positions, pixel patches); no weights.
-- ``vision``: ``VisionEncoder`` (``preprocess`` / ``run_vision`` / ``encode`` / ``encode_batch``)
-  producing ``EncodedPrompt`` with ``embeds [n_vis, H]`` and ``deepstack [n_vis, 3H]``.
+- ``images``: ``decode_image`` (untrusted bytes -> RGB, EXIF-transposed, size-checked PIL image).
+- ``vision``: ``VisionEncoder`` (``preprocess_image`` -> ``PreprocessedImage`` patches and grid;
+  ``run_vision``: one ViT forward per batch -> per image ``embeds [n, H]`` and
+  ``deepstack [n, 3H]``).
 - ``weights``: reads only ``model.visual.*`` from a (sharded) safetensors checkpoint.
 """

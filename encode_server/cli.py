@@ -17,8 +17,8 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
     d = EncodeConfig.__dataclass_fields__
     p = argparse.ArgumentParser(
         prog="epd-encode",
-        description="Encode server: runs the Qwen3-VL-MoE processor and vision tower and writes "
-        "embeddings + deepstack rows into a language server's buffers.",
+        description="Encode server: decodes images, runs the Qwen3-VL-MoE image processor and "
+        "vision tower, and writes embeddings + deepstack rows into the blocks each job names.",
     )
     p.add_argument("--model", type=Path, required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--host", default=d["host"].default, help="address to bind (default loopback)")
@@ -32,10 +32,12 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
                    help="images in one ViT forward at most")  # fmt: skip
     p.add_argument("--max-batch-tokens", type=int, default=d["max_batch_tokens"].default,
                    help="visual tokens in one ViT forward at most")  # fmt: skip
+    p.add_argument("--staging-tokens", type=int, default=d["staging_tokens"].default,
+                   help="visual-token rows of the staging arena the writes read from, registered "
+                   "once (default 0: twice --max-batch-tokens); a full arena holds the next ViT "
+                   "batch back")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=d["max_queue"].default,
-                   help="requests waiting for preprocessing before new ones are refused")  # fmt: skip
-    p.add_argument("--grant-timeout", type=float, default=d["grant_timeout_s"].default,
-                   help="seconds to wait for blocks before failing a request")  # fmt: skip
+                   help="image jobs waiting for preprocessing before new ones are refused")  # fmt: skip
     p.add_argument("--transfer-timeout", type=float, default=d["transfer_timeout_s"].default,
                    help="seconds a transfer may take before it is failed")  # fmt: skip
     p.add_argument("--peer-timeout", type=float, default=d["peer_timeout_s"].default,
@@ -56,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
             transport=a.transport, mooncake_protocol=a.mooncake_protocol,
             mooncake_device=a.mooncake_device, advertise_host=a.advertise_host, device=a.device,
             dtype=a.dtype, max_batch_images=a.max_batch_images, max_batch_tokens=a.max_batch_tokens,
-            max_queue=a.max_queue, grant_timeout_s=a.grant_timeout, transfer_timeout_s=a.transfer_timeout,
+            max_queue=a.max_queue, staging_tokens=a.staging_tokens, transfer_timeout_s=a.transfer_timeout,
             peer_timeout_s=a.peer_timeout, curve_keys=a.curve_keys, curve_clients=a.curve_clients,
             torch_threads=a.torch_threads,
             log_level=a.log_level,

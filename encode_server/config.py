@@ -23,8 +23,8 @@ class EncodeConfig:
     dtype: str = "float32"
     max_batch_images: int = 16
     max_batch_tokens: int = 16384
-    max_queue: int = 256  # requests waiting for preprocessing before new ones are refused
-    grant_timeout_s: float = 30.0
+    staging_tokens: int = 0  # rows of the registered staging arena (0: 2 x max_batch_tokens)
+    max_queue: int = 256  # jobs waiting for preprocessing before new ones are refused
     transfer_timeout_s: float = 60.0
     peer_timeout_s: float = 10.0  # a language server silent this long is gone: drop its work
     curve_keys: Path | None = None  # this encoder's secret certificate (CURVE on when set)
@@ -41,10 +41,12 @@ class EncodeConfig:
             raise ValueError(f"--transport must be one of {sorted(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+        if self.staging_tokens < 0:
+            raise ValueError("--staging-tokens must be >= 0")
         if min(self.max_batch_images, self.max_batch_tokens, self.max_queue) < 1:
             raise ValueError("--max-batch-images and --max-batch-tokens must be >= 1")
-        if min(self.grant_timeout_s, self.transfer_timeout_s, self.peer_timeout_s) <= 0:
-            raise ValueError("--grant-timeout, --transfer-timeout and --peer-timeout must be > 0")
+        if min(self.transfer_timeout_s, self.peer_timeout_s) <= 0:
+            raise ValueError("--transfer-timeout and --peer-timeout must be > 0")
 
     @property
     def bind_address(self) -> str:

@@ -1,8 +1,8 @@
-"""The encoder half of Qwen3-VL-MoE: processor plus ViT, loaded without any language weight.
+"""The encoder half of Qwen3-VL-MoE: image processor plus ViT, without any language weight.
 
-``VisionEncoder.preprocess`` (CPU, no weights) and ``run_vision`` (the ViT forward) are separate
-so that a server can overlap the buffer-allocation round trip with the ViT. ``encode`` and
-``encode_batch`` chain the two.
+Flow v3: the encoder gets one image's bytes per encode job and never sees prompt text.
+``preprocess_image`` (CPU, no weights: decode, checks, image processor) and ``run_vision`` (one
+ViT forward over a batch of images) are separate so that a scheduler can batch across jobs.
 """
 
 from __future__ import annotations
@@ -13,52 +13,52 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoImageProcessor
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
     Qwen3VLMoeVisionModel,
     Qwen3VLMoeVisionRotaryEmbedding,
 )
 
-from encode_server.images import ImageLimits
-from encode_server.preprocess import PreprocessedPrompt, Preprocessor
+from encode_server.images import ImageLimits, decode_image
 from encode_server.weights import load_prefixed
 
 log = logging.getLogger(__name__)
 
 VISUAL_PREFIX = "model.visual."
+Rows = tuple[torch.Tensor, torch.Tensor]  # (embeds [n, H], deepstack [n, 3H]) of one image
 N_DEEPSTACK = 3
 
 
 @dataclass(frozen=True)
-class EncodedPrompt:
-    """What the language side needs for one prompt.
+class PreprocessedImage:
+    """One image after the image processor, before the ViT.
 
-    input_ids [seq] long; positions [3, seq] long (M-RoPE); mrope_delta: decode step at text
-    position p uses p + mrope_delta on all three axes; visual_mask [seq] bool; embeds [n_vis, H]
-    and deepstack [n_vis, 3H] laid out [ds0 | ds1 | ds2], both contiguous, in the ViT's dtype;
-    image_grid_thw [n_images, 3] long; n_vis == visual_mask.sum(). ids, positions, mask and grid
-    stay on the CPU; embeds and deepstack are on the encoder's device.
+    pixel_values [patches, C*T*P*P] on the CPU; grid (t, h, w) in patches; n_tokens: visual
+    tokens after the spatial merge (t*h*w // merge**2).
     """
 
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    mrope_delta: int
-    visual_mask: torch.Tensor
-    embeds: torch.Tensor
-    deepstack: torch.Tensor
-    image_grid_thw: torch.Tensor
-    n_vis: int
+    pixel_values: torch.Tensor
+    grid: tuple[int, int, int]
+    n_tokens: int
 
 
 class VisionEncoder:
-    """Processor + ``Qwen3VLMoeVisionModel``; holds no decoder layer and no language tensor."""
+    """Image processor + ``Qwen3VLMoeVisionModel``; holds no decoder layer and no language tensor."""
 
     def __init__(
-        self, preprocessor: Preprocessor, vision: Qwen3VLMoeVisionModel, hidden: int
+        self,
+        image_processor: Any,
+        vision: Qwen3VLMoeVisionModel,
+        hidden: int,
+        limits: ImageLimits | None = None,
     ) -> None:
-        self.preprocessor = preprocessor
+        self.image_processor = image_processor
         self.vision = vision.eval().requires_grad_(False)
         self.hidden = hidden
+        self.limits = limits or ImageLimits()
+        self.merge_size = int(vision.config.spatial_merge_size)
+        if int(image_processor.merge_size) != self.merge_size:
+            raise ValueError("the image processor's merge_size differs from the ViT's")
 
     @classmethod
     def from_pretrained(
@@ -68,11 +68,10 @@ class VisionEncoder:
         dtype: torch.dtype = torch.float32,
         limits: ImageLimits | None = None,
     ) -> VisionEncoder:
-        """Load the processor and only the ``model.visual.*`` tensors of a checkpoint directory."""
+        """Load the image processor and only the ``model.visual.*`` tensors of a checkpoint."""
         config = AutoConfig.from_pretrained(model_dir)
-        processor = AutoProcessor.from_pretrained(model_dir)
+        image_processor = AutoImageProcessor.from_pretrained(model_dir)
         vision = _build_vision(config.vision_config, model_dir, device, dtype)
-        preprocessor = Preprocessor(processor, config, limits or ImageLimits())
         log.info(
             "vision encoder from %s: %d parameters, %s on %s",
             model_dir,
@@ -80,7 +79,7 @@ class VisionEncoder:
             dtype,
             device,
         )
-        return cls(preprocessor, vision, config.text_config.hidden_size)
+        return cls(image_processor, vision, config.text_config.hidden_size, limits)
 
     @property
     def device(self) -> torch.device:
@@ -90,61 +89,50 @@ class VisionEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype
 
-    def preprocess(self, messages: Any) -> PreprocessedPrompt:
-        """Chat messages -> ids, positions, pixels. CPU only; ValueError on bad input."""
-        return self.preprocessor(messages)
+    def preprocess_image(self, data: bytes) -> PreprocessedImage:
+        """Encoded bytes -> patches. CPU only, no weights; ValueError on bad input."""
+        image = decode_image(data, self.limits)
+        batch = self.image_processor(images=[image], return_tensors="pt")
+        grid = tuple(int(x) for x in batch["image_grid_thw"][0])
+        n_tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
+        return PreprocessedImage(batch["pixel_values"], grid, n_tokens)  # type: ignore[arg-type]
 
     @torch.no_grad()
-    def run_vision(self, prompts: list[PreprocessedPrompt]) -> list[EncodedPrompt]:
-        """One ViT forward over every image of ``prompts``; one EncodedPrompt per prompt, in order.
+    def run_vision(
+        self, images: list[PreprocessedImage], out: list[Rows | None] | None = None
+    ) -> list[Rows]:
+        """ONE ViT forward over ``images``; per image, in order, (embeds [n, H], deepstack [n, 3H]
+        laid out [ds0 | ds1 | ds2]) in the ViT's dtype on its device.
 
-        Prompts without images get empty [0, H] / [0, 3H] tensors. Blocking; returned tensors
-        are fresh (the caller owns them).
+        ``out[i]``, when given, is where image ``i``'s rows go (e.g. views into a staging
+        arena); otherwise each image gets fresh tensors. Either way the split is the only copy,
+        and every returned tensor is contiguous. Blocking on the CPU; on a GPU the copies are
+        queued on the current stream (record an event before reading them elsewhere).
         """
-        with_images = [p for p in prompts if p.pixel_values is not None]
-        if with_images:
-            embeds, deepstack = self._forward(with_images)
-            embeds_parts = embeds.split([p.n_vis for p in with_images])
-            deepstack_parts = deepstack.split([p.n_vis for p in with_images])
-        out, k = [], 0
-        for prompt in prompts:
-            if prompt.pixel_values is None:
-                e = torch.zeros(0, self.hidden, device=self.device, dtype=self.dtype)
-                d = torch.zeros(0, N_DEEPSTACK * self.hidden, device=self.device, dtype=self.dtype)
-            else:
-                e, d, k = embeds_parts[k].contiguous(), deepstack_parts[k].contiguous(), k + 1
-            out.append(_encoded(prompt, e, d))
-        return out
-
-    def encode(self, messages: Any) -> EncodedPrompt:
-        """Preprocess and encode one prompt."""
-        return self.run_vision([self.preprocess(messages)])[0]
-
-    def encode_batch(self, batch: list[Any]) -> list[EncodedPrompt]:
-        """Preprocess several prompts, then encode all of their images in ONE ViT forward."""
-        return self.run_vision([self.preprocess(m) for m in batch])
-
-    def _forward(self, prompts: list[PreprocessedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = torch.cat([p.pixel_values for p in prompts]).to(self.device, self.dtype)
-        grid = torch.cat([p.image_grid_thw for p in prompts]).to(self.device)
+        if not images:
+            return []
+        pixels = torch.cat([im.pixel_values for im in images]).to(self.device, self.dtype)
+        grid = torch.tensor([im.grid for im in images], dtype=torch.long, device=self.device)
         output = self.vision(pixels, grid_thw=grid, return_dict=True)
-        deepstack = torch.cat(list(output.deepstack_features), dim=-1)
-        if deepstack.shape[-1] != N_DEEPSTACK * self.hidden:
-            raise RuntimeError(f"expected {N_DEEPSTACK} deepstack features, got {deepstack.shape}")
-        return output.pooler_output, deepstack
+        features = list(output.deepstack_features)
+        if len(features) != N_DEEPSTACK:
+            raise RuntimeError(f"expected {N_DEEPSTACK} deepstack features, got {len(features)}")
+        rows, start = [], 0
+        for i, im in enumerate(images):
+            end = start + im.n_tokens
+            target = out[i] if out is not None else None
+            rows.append(self._split(output.pooler_output[start:end],
+                                    [f[start:end] for f in features], target))  # fmt: skip
+            start = end
+        return rows
 
-
-def _encoded(prompt: PreprocessedPrompt, embeds: torch.Tensor, deepstack: torch.Tensor):
-    return EncodedPrompt(
-        input_ids=prompt.input_ids,
-        positions=prompt.positions,
-        mrope_delta=prompt.mrope_delta,
-        visual_mask=prompt.visual_mask,
-        embeds=embeds,
-        deepstack=deepstack,
-        image_grid_thw=prompt.image_grid_thw,
-        n_vis=prompt.n_vis,
-    )
+    def _split(self, embeds: torch.Tensor, features: list[torch.Tensor], out: Rows | None) -> Rows:
+        if out is None:
+            return embeds.clone(memory_format=torch.contiguous_format), torch.cat(features, -1)
+        e, d = out
+        e.copy_(embeds)
+        torch.cat(features, dim=-1, out=d)
+        return e, d
 
 
 def _build_vision(vision_config, model_dir, device, dtype) -> Qwen3VLMoeVisionModel:

@@ -128,7 +128,7 @@ def _report(reply: dict, health: dict) -> None:
           f"also opened the connection)")  # fmt: skip
     print(
         "time to first token {ttft_s:.1f} ms = preprocess {preprocess_s:.1f} + vision "
-        "{vision_s:.1f} + grant wait {grant_wait_s:.1f} + transfer {transfer_s:.1f} + prefill "
+        "{vision_s:.1f} + block wait {block_wait_s:.1f} + transfer {transfer_s:.1f} + prefill "
         "{prefill_s:.1f} + orchestration {overhead_s:.1f} (queue {queue_s:.2f})".format(**ms)
     )
     pool = health["pool"]

@@ -1,18 +1,144 @@
-"""The disaggregated pipeline in one process, without transport: encoder half -> language half.
+"""The disaggregated pipeline in one process, without transport: prompt, encoder, language half.
 
-For parity tests and local experiments. The servers do the same with the data plane in between:
-only ``EncodedPrompt``'s visual rows (``embeds`` and ``deepstack``) would travel.
+For parity tests and local experiments. The servers do the same with the data plane in between
+(flow v3): the language side prepares the prompt (``PromptBuilder``), the encoder gets only each
+image's bytes, and only the visual rows (``embeds`` and ``deepstack``) would travel.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from encode_server.vision import EncodedPrompt, VisionEncoder
+from encode_server.vision import VisionEncoder
 from language_server.generate import GenerationResult, SamplingParams, build_input_embeds, generate
 from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+from language_server.prompt import PreparedPrompt, PromptBuilder
+from protocol.chat import ImageSourcePolicy, to_turns
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """What the language model needs for one prompt.
+
+    input_ids [seq] long; positions [3, seq] long (M-RoPE); mrope_delta: decode step at text
+    position p uses p + mrope_delta on all three axes; visual_mask [seq] bool; embeds [n_vis, H]
+    and deepstack [n_vis, 3H] laid out [ds0 | ds1 | ds2], both contiguous, in the ViT's dtype;
+    image_grid_thw [n_images, 3] long; n_vis == visual_mask.sum(). ids, positions, mask and grid
+    stay on the CPU; embeds and deepstack are on the encoder's device.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    mrope_delta: int
+    visual_mask: torch.Tensor
+    embeds: torch.Tensor
+    deepstack: torch.Tensor
+    image_grid_thw: torch.Tensor
+    n_vis: int
+
+
+class SplitPipeline:
+    """``PromptBuilder`` (language side) + ``VisionEncoder`` (encode side), wired directly."""
+
+    def __init__(self, builder: PromptBuilder, encoder: VisionEncoder) -> None:
+        self.builder = builder
+        self.encoder = encoder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> SplitPipeline:
+        encoder = VisionEncoder.from_pretrained(model_dir, device=device, dtype=dtype)
+        return cls(PromptBuilder.from_pretrained(model_dir), encoder)
+
+    @property
+    def processor(self) -> Any:
+        """The builder's Hugging Face processor (chat template, tokenizer, image processor)."""
+        return self.builder.processor
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.builder.tokenizer
+
+    def prepare(self, messages: Any) -> PreparedPrompt:
+        """OpenAI-style messages -> the language side's prepared prompt (no pixel decoded).
+
+        Image parts: ``{"type": "image_url", "image_url": {"url": URL}}`` or
+        ``{"type": "image", "image": PIL image | encoded bytes | URL}``; URL is a ``data:`` URL or
+        a local path. PIL images travel as PNG bytes. ValueError (``PromptError``) on bad input.
+        """
+        turns, images = to_turns(_with_urls(messages), ImageSourcePolicy())
+        return self.builder.build(turns, images)
+
+    def encode(self, messages: Any) -> EncodedPrompt:
+        """Prepare and encode one prompt."""
+        return self.encode_batch([messages])[0]
+
+    def encode_batch(self, batch: list[Any]) -> list[EncodedPrompt]:
+        """Prepare several prompts, then encode every image of every prompt in ONE ViT forward."""
+        prepared = [self.prepare(messages) for messages in batch]
+        pixels = []
+        for prompt in prepared:
+            for spec in prompt.images:
+                image = self.encoder.preprocess_image(spec.data)
+                if image.grid != spec.grid:
+                    raise RuntimeError(f"encoder grid {image.grid} != prepared {spec.grid}")
+                pixels.append(image)
+        rows = iter(self.encoder.run_vision(pixels))
+        return [self._encoded(p, [next(rows) for _ in p.images]) for p in prepared]
+
+    def _encoded(self, prompt: PreparedPrompt, rows: list[tuple[torch.Tensor, torch.Tensor]]):
+        hidden, device, dtype = self.encoder.hidden, self.encoder.device, self.encoder.dtype
+        embeds = [e for e, _ in rows] or [torch.zeros(0, hidden, device=device, dtype=dtype)]
+        deepstack = [d for _, d in rows] or [torch.zeros(0, 3 * hidden, device=device, dtype=dtype)]
+        return EncodedPrompt(
+            input_ids=prompt.input_ids,
+            positions=prompt.positions,
+            mrope_delta=prompt.mrope_delta,
+            visual_mask=prompt.visual_mask,
+            embeds=torch.cat(embeds),
+            deepstack=torch.cat(deepstack),
+            image_grid_thw=prompt.image_grid_thw,
+            n_vis=prompt.n_vis,
+        )
+
+
+def _with_urls(messages: Any) -> Any:
+    """``messages`` with PIL images and raw bytes in image parts turned into data URLs."""
+    if not isinstance(messages, list):
+        return messages
+    return [
+        {**m, "content": [_part_url(p) for p in m["content"]]}
+        if isinstance(m, dict) and isinstance(m.get("content"), list)
+        else m
+        for m in messages
+    ]
+
+
+def _part_url(part: Any) -> Any:
+    if not isinstance(part, dict) or part.get("type") != "image":
+        return part
+    image = part.get("image")
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        image = buf.getvalue()
+    if isinstance(image, bytes):
+        return {
+            "type": "image",
+            "image": "data:image/png;base64," + base64.b64encode(image).decode(),
+        }
+    return part
 
 
 def language_inputs(
@@ -49,14 +175,14 @@ def generate_encoded(
 
 
 class LocalPipeline:
-    """Encoder and language model in one process: ``generate(messages, params)``."""
+    """Prompt builder, encoder and language model in one process: ``generate(messages, params)``."""
 
-    def __init__(self, encoder: VisionEncoder, model: Qwen3MoeForCausalLMWithDeepStack) -> None:
-        self.encoder = encoder
+    def __init__(self, pipeline: SplitPipeline, model: Qwen3MoeForCausalLMWithDeepStack) -> None:
+        self.pipeline = pipeline
         self.model = model
 
     def generate(self, messages: Any, params: SamplingParams) -> GenerationResult:
-        return generate_encoded(self.model, self.encoder.encode(messages), params)
+        return generate_encoded(self.model, self.pipeline.encode(messages), params)
 
     def decode(self, token_ids: tuple[int, ...]) -> str:
-        return self.encoder.preprocessor.processor.tokenizer.decode(list(token_ids))
+        return self.pipeline.tokenizer.decode(list(token_ids))

@@ -29,12 +29,7 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        try:
-            body = await request.json()
-            req = service.prepare(body)
-        except ValueError as exc:  # includes JSON decode errors
-            metrics.requests.labels(status="400").inc()
-            return _error(400, str(exc))
+        req = await service.prepare(await request.body())
         run = await service.start(req)
         if req.stream:
             return StreamingResponse(
@@ -58,7 +53,8 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
                 "total_blocks": buffers.num_blocks,
                 "block_tokens": buffers.block_tokens,
                 "peak_used_blocks": receiver.peak_used,
-                "quarantined_blocks": receiver.quarantined_blocks,
+                "quarantined_blocks": receiver.orphaned_blocks,  # lent to writers of ended requests
+                "lent_blocks": receiver.lent_blocks,
                 "waiting_requests": len(receiver.waiting),
                 "pending_requests": len(receiver.pending),
             },

@@ -21,6 +21,8 @@ class ChatRequest:
     stream: bool
     stop: tuple[str, ...] = ()
     include_usage: bool = False
+    add_generation_prompt: bool = True
+    prompt: Any = None  # language_server.prompt.PreparedPrompt, once built
     created: float = field(default_factory=time.time)
     marks: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -51,10 +53,14 @@ def parse_chat_request(
     if body.get("n", 1) != 1:
         raise ValueError("only n=1 is supported")
     options = body.get("stream_options") or {}
+    add_generation_prompt = body.get("add_generation_prompt", True)
+    if not isinstance(add_generation_prompt, bool):
+        raise ValueError("add_generation_prompt must be a boolean")
     return ChatRequest(
         rid=f"chatcmpl-{uuid.uuid4().hex}", turns=turns, images=images, params=params,
         stream=body.get("stream") is True, stop=stop,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        add_generation_prompt=add_generation_prompt,
     )  # fmt: skip
 
 

@@ -44,8 +44,10 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    help="requests that may wait for free blocks before 503")  # fmt: skip
     p.add_argument("--alloc-wait", type=float, default=d["alloc_wait_s"].default,
                    help="seconds a request may wait for free blocks before 503")  # fmt: skip
-    p.add_argument("--quarantine", type=float, default=d["quarantine_s"].default,
-                   help="seconds before blocks of a failed in-flight transfer are reused")  # fmt: skip
+    p.add_argument("--dead-writer-wait", type=float, default=d["dead_writer_s"].default,
+                   help="seconds after an encoder is declared dead before the blocks it was "
+                   "writing come back (default -1: the transport's own timeout, 31 s for "
+                   "Mooncake, 0 for shm)")  # fmt: skip
     p.add_argument("--max-inflight", type=int, default=d["max_inflight"].default,
                    help="HTTP requests in flight before new ones get 503")  # fmt: skip
     p.add_argument("--heartbeat", type=float, default=d["heartbeat_s"].default,
@@ -56,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    help="seconds from sending a request to an encoder to its rows arriving")  # fmt: skip
     p.add_argument("--max-images", type=int, default=d["max_images"].default,
                    help="images in one request at most")  # fmt: skip
+    p.add_argument("--max-image-pixels", type=int, default=d["max_image_pixels"].default,
+                   help="pixels (width x height, from the header) of one image at most")  # fmt: skip
+    p.add_argument("--max-image-tokens", type=int, default=d["max_image_tokens"].default,
+                   help="visual tokens of one image at most")  # fmt: skip
     p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"].default,
                    help="prompt tokens at most (after image expansion)")  # fmt: skip
     p.add_argument("--no-local-images", action="store_true",
@@ -78,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
             advertise_host=a.advertise_host, device=a.device, dtype=a.dtype,
             num_blocks=a.num_blocks, block_tokens=a.block_tokens,
             max_waiting_allocs=a.max_waiting_allocs, alloc_wait_s=a.alloc_wait,
-            quarantine_s=a.quarantine, max_inflight=a.max_inflight, heartbeat_s=a.heartbeat,
+            dead_writer_s=a.dead_writer_wait, max_image_pixels=a.max_image_pixels,
+            max_image_tokens=a.max_image_tokens, max_inflight=a.max_inflight, heartbeat_s=a.heartbeat,
             encoder_dead_after_s=a.encoder_dead_after, request_timeout_s=a.request_timeout,
             max_images=a.max_images, max_prompt_tokens=a.max_prompt_tokens,
             allow_local_images=not a.no_local_images, log_level=a.log_level,
@@ -111,11 +118,10 @@ def build_engine(config: LanguageConfig):
 
 def build_app(config: LanguageConfig):
     """Load the model, allocate and register the receive pool, wire the service; return the app."""
-    from transformers import AutoConfig, AutoTokenizer
-
     from language_server.api import create_app
     from language_server.encoders import EncoderPool
     from language_server.metrics import Metrics
+    from language_server.prompt import PromptBuilder, PromptLimits
     from language_server.receiver import Receiver
     from language_server.service import ChatService
     from protocol.keys import client_keys
@@ -123,20 +129,20 @@ def build_app(config: LanguageConfig):
 
     dtype = DTYPES[config.dtype]
     engine = build_engine(config)
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    full_config = AutoConfig.from_pretrained(config.model)
-    hidden = full_config.text_config.hidden_size
-    image_token_id = full_config.image_token_id
-    merge = full_config.vision_config.spatial_merge_size
+    limits = PromptLimits(max_prompt_tokens=config.max_prompt_tokens, max_images=config.max_images,
+                          max_image_pixels=config.max_image_pixels,
+                          max_image_tokens=config.max_image_tokens)  # fmt: skip
+    builder = PromptBuilder.from_pretrained(config.model, limits)
+    hidden = builder.config.text_config.hidden_size
     transport = make_receiver(config.transport, **config.receiver_options())
     buffers = MultimodalDataBuffers(config.num_blocks, config.block_tokens,
                                     hidden, dtype, transport, config.device)  # fmt: skip
-    receiver = Receiver(buffers, image_token_id, config.max_waiting_allocs,
-                        config.max_prompt_tokens, merge, config.alloc_wait_s, config.quarantine_s)  # fmt: skip
+    receiver = Receiver(buffers, config.max_waiting_allocs, config.alloc_wait_s,
+                        config.dead_writer_wait_s)  # fmt: skip
     keys = client_keys(config.curve_keys, config.curve_server_key)
     encoders = EncoderPool(config.encoders, config.transport, receiver.on_message,
                            config.heartbeat_s, config.encoder_dead_after_s, keys)  # fmt: skip
-    service = ChatService(config, engine, tokenizer, receiver, encoders)
+    service = ChatService(config, engine, builder, receiver, encoders)
     log = logging.getLogger("epd.language")
     log.info("receive pool: %d blocks x %d tokens, %.1f MiB, transport %s session %s",
              buffers.num_blocks, buffers.block_tokens,

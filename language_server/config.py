@@ -30,14 +30,17 @@ class LanguageConfig:
     block_tokens: int = 64
     max_waiting_allocs: int = 64  # requests queued for blocks when the pool is full
     alloc_wait_s: float = 10.0  # how long a request may wait for blocks before 503
-    quarantine_s: float = 10.0  # blocks of a request whose encoder may still write wait this long
+    dead_writer_s: float = -1.0  # blocks lent to an encoder declared dead come back this long
+    # after (-1: the transport's own write timeout; transfer/base.py, rule 2c)
     max_inflight: int = 256  # HTTP requests in flight before 503
-    request_timeout_s: float = 60.0  # EncodeRequest -> TransferDone
+    request_timeout_s: float = 60.0  # a request's first EncodeJob -> its last TransferDone
     heartbeat_s: float = 1.0
     encoder_dead_after_s: float = 5.0
     max_new_tokens_limit: int = 4096
     max_prompt_tokens: int = 32768
     max_images: int = 16
+    max_image_pixels: int = 64 * 1024 * 1024  # width x height of one image (from its header)
+    max_image_tokens: int = 16384  # visual tokens of one image
     allow_local_images: bool = True
     curve_keys: Path | None = None  # this server's secret certificate (CURVE on when set)
     curve_server_key: Path | None = None  # the encoders' public certificate
@@ -60,14 +63,22 @@ class LanguageConfig:
             raise ValueError("--num-blocks, --block-tokens and --max-images must be >= 1")
         if self.max_waiting_allocs < 0:
             raise ValueError("--max-waiting-allocs must be >= 0")
-        if self.max_inflight < 1 or min(self.alloc_wait_s, self.quarantine_s) < 0:
-            raise ValueError("--max-inflight must be >= 1; --alloc-wait, --quarantine >= 0")
+        if self.max_inflight < 1 or self.alloc_wait_s < 0:
+            raise ValueError("--max-inflight must be >= 1; --alloc-wait >= 0")
+        if self.dead_writer_s < 0 and self.dead_writer_s != -1:
+            raise ValueError("--dead-writer-wait must be >= 0 (or -1: the transport's timeout)")
         if min(self.request_timeout_s, self.heartbeat_s, self.encoder_dead_after_s) <= 0:
             raise ValueError("timeouts must be > 0")
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.resolve().name
+
+    @property
+    def dead_writer_wait_s(self) -> float:
+        from transfer.registry import write_timeout_s
+
+        return write_timeout_s(self.transport) if self.dead_writer_s < 0 else self.dead_writer_s
 
     @property
     def public_host(self) -> str:

@@ -1,9 +1,12 @@
-"""Sending image prompts to encoders and getting their rows back, whatever the encoders do.
+"""Sending a prompt's images to encoders as jobs and getting their rows back, whatever the
+encoders do.
 
-``Dispatcher.encode`` sends a request to the least-loaded live encoder and waits (bounded) for
-its rows. When an encoder goes silent, its requests move to another live encoder (at most
-``max_attempts`` tries in all) or fail with 503 when none is left; their blocks are quarantined
-(the silent encoder may still be writing). A housekeeping task ticks the receiver.
+``Dispatcher.encode`` turns a prepared prompt into one lease per image, has the receiver lend
+them blocks (all at once; a full pool queues, bounded), and sends each image's ``EncodeJob`` to
+the least-loaded live encoder, so the images of one request run on several encoders at once.
+When an encoder is declared dead its jobs move to another live encoder with fresh blocks (the
+old ones stay lent until the transport's timeout); when it restarts (new incarnation) its jobs
+are re-sent at once. A housekeeping task ticks the receiver.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import TypeVar
 import protocol as P
 from language_server.encoders import EncoderLink, EncoderPool
 from language_server.receiver import Receiver
-from language_server.requests import Pending, ReceivedPrompt, RequestError
+from language_server.requests import Lease, LeaseState, Pending, ReceivedPrompt, RequestError
 
 log = logging.getLogger("epd.language.dispatch")
 T = TypeVar("T")
@@ -28,7 +31,9 @@ class Dispatcher:
         self.receiver, self.encoders = receiver, encoders
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
         self.redispatched = 0
+        receiver.on_lent = self.send_jobs
         encoders.on_down = self.on_encoder_down
+        encoders.on_restart = self.on_encoder_restart
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -39,32 +44,33 @@ class Dispatcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def encode(self, message: P.EncodeRequest, build: Callable[[ReceivedPrompt], T],
+    async def encode(self, rid: str, prompt, build: Callable[[ReceivedPrompt], T],
                      marks: dict[str, float]) -> T:  # fmt: skip
-        """Send ``message`` to an encoder; return ``build(rows)`` once they arrived.
+        """Encode every image of ``prompt`` (a ``PreparedPrompt``); return ``build(rows)``.
 
         ``build`` runs while the rows are still in the pool and must copy what it needs.
-        Raises ``RequestError`` (503 no encoder, 504 timeout, 4xx/5xx from the receiver).
+        Raises ``RequestError`` (503 no encoder or pool full, 413 too large for the pool,
+        504 timeout, 4xx/5xx from the encoders).
         """
-        link = self.encoders.pick()
-        if link is None:
+        if self.encoders.pick() is None:
             raise RequestError(503, "no encode server is available", retry_after_s=1.0)
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
 
-        def on_ready(prompt: ReceivedPrompt | None, error: RequestError | None) -> None:
+        def on_ready(rows: ReceivedPrompt | None, error: RequestError | None) -> None:
             if done.done():
                 return
             if error is not None:
                 done.set_exception(error)
                 return
-            assert prompt is not None
+            assert rows is not None
             try:
-                done.set_result(build(prompt))
+                done.set_result(build(rows))
             except Exception as exc:  # noqa: BLE001 - surfaces as a 500 for this request
                 done.set_exception(RequestError(500, f"cannot build the prompt: {exc}"))
 
-        pending = Pending(message.rid, link, message, on_ready)
-        self._send(pending, link)
+        pending = Pending(rid, prompt, on_ready)
+        pending.leases = [Lease(pending, i, spec.n_tokens) for i, spec in enumerate(prompt.images)]
+        self.receiver.admit(pending)  # sends the jobs now, or once blocks free up
         try:
             return await asyncio.wait_for(done, self.timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
@@ -79,31 +85,60 @@ class Dispatcher:
         finally:
             marks.update(pending.marks)
 
-    def _send(self, pending: Pending, link: EncoderLink) -> None:
-        pending.link = link
-        self.receiver.expect(pending)
-        link.inflight.add(pending.rid)
-        if not link.send(pending.message):
-            err = RequestError(503, f"encoder {link.address} is not reachable", retry_after_s=1.0)
-            self.receiver.fail(pending, err)
+    def send_jobs(self, pending: Pending) -> None:
+        """Send the job of every lease of ``pending`` that holds blocks but is not out yet,
+        each to the least-loaded live encoder (so one request's images spread out)."""
+        for lease in pending.leases:
+            ready = lease.state is LeaseState.WAITING and lease.blocks is not None
+            if ready and not self._send(lease):
+                err = RequestError(503, "no encode server is reachable", retry_after_s=1.0)
+                self.receiver.fail(pending, err)
+                return
+
+    def _send(self, lease: Lease) -> bool:
+        spec = lease.request.prompt.images[lease.image]
+        job = self.receiver.job(lease, spec.data, list(spec.grid))
+        while (link := self.encoders.pick()) is not None:
+            if link.send(job):
+                self.receiver.sent(lease, link)
+                return True
+            self.encoders.mark_down(link, "a send failed")  # not connected: try the next one
+        return False
 
     def on_encoder_down(self, link: EncoderLink) -> None:
-        """Move every request of a silent encoder elsewhere, or fail it."""
-        for pending in [p for p in self.receiver.pending.values() if p.link is link]:
-            link.inflight.discard(pending.rid)
-            link.send(P.Abort(rid=pending.rid, reason="you were marked down; request moved"))
-            target = self.encoders.pick()
-            if target is None or pending.attempts >= self.max_attempts:
-                why = "no other encoder is available" if target is None else "retried too often"
-                self.receiver.fail(pending, RequestError(503, f"encoder {link.address} went "
-                                                         f"silent and {why}", retry_after_s=1.0))  # fmt: skip
+        """Move every job of a dead encoder elsewhere with fresh blocks, or fail its request."""
+        hit: list[Pending] = []
+        for lease in [x for x in self.receiver.lent.values()
+                      if x.link is link and x.state is LeaseState.SENT]:  # fmt: skip
+            req = lease.request
+            link.send(P.Abort(rid=req.rid, image=lease.image, reason="you were declared dead"),
+                      quiet=True)  # fmt: skip
+            self.receiver.writer_dead(lease)
+            if self.receiver.pending.get(req.rid) is req and req not in hit:
+                hit.append(req)
+        for req in hit:
+            if req.attempts >= self.max_attempts or self.encoders.pick() is None:
+                why = (
+                    "retried too often"
+                    if req.attempts >= self.max_attempts
+                    else "no other encoder is available"
+                )
+                self.receiver.fail(req, RequestError(503, f"encoder {link.address} went silent "
+                                                     f"and {why}", retry_after_s=1.0))  # fmt: skip
                 continue
-            self.receiver.detach(pending)
-            pending.attempts += 1
+            req.attempts += 1
             self.redispatched += 1
-            log.warning("request %s: encoder %s went silent; re-sent to %s", pending.rid,
-                        link.address, target.address)  # fmt: skip
-            self._send(pending, target)
+            log.warning("request %s: encoder %s went silent; sending its images again", req.rid,
+                        link.address)  # fmt: skip
+            self.receiver.relend(req)
+
+    def on_encoder_restart(self, link: EncoderLink) -> None:
+        """A new process answers at ``link``: its predecessor's jobs are gone; send them again."""
+        for req in self.receiver.writer_restarted(link):
+            self.redispatched += 1
+            log.warning("request %s: encoder %s restarted; sending its jobs again", req.rid,
+                        link.address)  # fmt: skip
+            self.receiver.relend(req)
 
     async def _housekeeping(self) -> None:
         while True:

@@ -36,7 +36,9 @@ class EncoderLink:
     sock: zmq.asyncio.Socket
     state: LinkState = LinkState.CONNECTING
     encoder_id: str = ""
-    inflight: set[str] = field(default_factory=set)  # request ids we sent it, not yet finished
+    inflight: set[tuple[str, int, int]] = field(default_factory=set)  # our jobs it holds
+    incarnation: int = 0  # of the encoder process answering now (0: not known yet)
+    load: int = 0  # jobs it reported in its last heartbeat (from every language server)
     last_seen: float = 0.0
     rejected: int = 0
     served: int = 0  # requests whose rows arrived from it
@@ -60,6 +62,8 @@ class EncoderLink:
             "id": self.encoder_id,
             "state": self.state.value,
             "inflight": len(self.inflight),
+            "load": self.load,
+            "incarnation": f"{self.incarnation:x}",
             "served": self.served,
             "last_seen_s": None if seen is None else round(seen, 3),
             "rejected_messages": self.rejected,
@@ -86,12 +90,15 @@ class EncoderPool:
         self.heartbeat_s, self.dead_after_s = heartbeat_s, dead_after_s
         self.links = [self._connect(a) for a in addresses]
         self.on_down: Callable[[EncoderLink], None] = lambda link: None
+        self.on_restart: Callable[[EncoderLink], None] = lambda link: None
+        self._turn = 0  # round-robin among equally loaded encoders
         self._tasks: list[asyncio.Task[None]] = []
 
     def _connect(self, address: str) -> EncoderLink:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for an encoder that is not connected
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # encoders send only small reports
         if self.keys is not None:
             sock.curve_secretkey, sock.curve_publickey = self.keys.secret, self.keys.public
             sock.curve_serverkey = self.keys.server_public
@@ -110,9 +117,21 @@ class EncoderPool:
             link.sock.close(linger=0)
 
     def pick(self) -> EncoderLink | None:
-        """The live encoder with the fewest requests in flight (None when none is up)."""
+        """The live encoder with the least work (None when none is up): the larger of our own
+        count of jobs there and the load it last reported; ties go round-robin."""
         up = [link for link in self.links if link.state is LinkState.UP]
-        return min(up, key=lambda link: len(link.inflight)) if up else None
+        if not up:
+            return None
+        self._turn += 1
+        n = len(up)
+        return min(up, key=lambda x: (max(len(x.inflight), x.load), (up.index(x) - self._turn) % n))
+
+    def mark_down(self, link: EncoderLink, why: str) -> None:
+        """Stop sending ``link`` new jobs and move its jobs elsewhere (``on_down``)."""
+        if link.state is LinkState.UP:
+            log.warning("encoder %s marked down: %s", link.address, why)
+            link.state = LinkState.DOWN
+            self.on_down(link)
 
     async def _read(self, link: EncoderLink) -> None:
         while True:
@@ -124,11 +143,11 @@ class EncoderPool:
                 link.rejected += 1
                 log.warning("rejected a message from encoder %s: %s", link.address, exc)
                 continue
-            if isinstance(msg, (P.EncoderHello, P.Heartbeat)):
-                self._alive(link, msg)
-                continue
             try:
-                self.on_message(link, msg)
+                if isinstance(msg, (P.EncoderHello, P.Heartbeat)):
+                    self._alive(link, msg)
+                else:
+                    self.on_message(link, msg)
             except Exception:  # noqa: BLE001 - a handler bug must not kill the reader
                 log.exception("handling %s from %s failed", type(msg).__name__, link.address)
 
@@ -140,23 +159,30 @@ class EncoderPool:
                           link.address, msg.transport, self.transport)  # fmt: skip
                 link.state = LinkState.INCOMPATIBLE
                 return
-            log.info("encoder %s (%s) is up", link.address, msg.encoder_id)
+            log.info("encoder %s (%s, incarnation %x) is up", link.address, msg.encoder_id,
+                     msg.incarnation)  # fmt: skip
+        else:
+            link.load = msg.inflight
+        restarted = link.incarnation not in (0, msg.incarnation)
+        link.incarnation = msg.incarnation
         if link.state in (LinkState.CONNECTING, LinkState.DOWN) and link.encoder_id:
             link.state = LinkState.UP
+        if restarted:
+            log.warning("encoder %s restarted (incarnation %x)", link.address, msg.incarnation)
+            self.on_restart(link)
 
     async def _heartbeats(self) -> None:
         beat = P.Heartbeat(encoder_id="language", inflight=0, sent_at=0.0)
         while True:
             now = time.monotonic()
             for link in self.links:
-                link.send(beat, quiet=True)
-                silent = now - link.last_seen if link.last_seen else None
-                if link.state is LinkState.UP and silent is not None and silent > self.dead_after_s:
-                    log.warning(
-                        "encoder %s silent for %.1f s: marking it down", link.address, silent
-                    )
-                    link.state = LinkState.DOWN
-                    self.on_down(link)
+                try:
+                    link.send(beat, quiet=True)
+                    silent = now - link.last_seen if link.last_seen else None
+                    if silent is not None and silent > self.dead_after_s:
+                        self.mark_down(link, f"silent for {silent:.1f} s")
+                except Exception:  # noqa: BLE001 - one bad link must not stop liveness
+                    log.exception("heartbeat to %s failed", link.address)
             await asyncio.sleep(self.heartbeat_s)
 
     async def wait_until_up(self, timeout_s: float) -> bool:

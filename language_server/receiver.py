@@ -1,14 +1,17 @@
-"""The language side of the data plane: grants blocks, checks what arrived, frees blocks.
+"""The language side of the data plane: lends blocks to encode jobs, checks what arrived, and
+takes blocks back only when their writer is done with them.
 
-Owns ``MultimodalDataBuffers``. Runs on the asyncio loop (not thread-safe). Every message from an
-encoder is checked against what this side asked for and granted: the request id must be one we
-sent to that encoder, sizes, dtype and image grids must match, a TransferDone must carry the
-grant's generation (a fresh random nonce per grant, so a late message can never claim reused
-blocks), and the received rows must match the sender's checksum.
+Owns ``MultimodalDataBuffers``. Runs on the asyncio loop (not thread-safe). A request's images
+get their blocks together (never half a request, so two requests cannot starve each other);
+each image's blocks are lent to one encoder process for one ``generation`` (a fresh random
+nonce), and every message about them is checked against that lending: same encoder, same
+generation, same row count, and rows that match the writer's checksum.
 
-Blocks go back to the pool on every path. When a request ends while its encoder may still be
-writing (timeout, encoder gone), its blocks are quarantined for ``quarantine_s`` before reuse,
-so a late write can never land in another request's rows.
+Blocks return by the rule in ``transfer/base.py`` and by no other path: (a) the rows were
+verified and the engine's copy out of them has completed, (b) the writer said its write
+stopped (TransferDone, or EncodeFailed with ``write_stopped``), (c) the writer's incarnation
+changed, or it was declared dead and the transport's own timeout has passed since. A request
+that fails or is aborted stops waiting at once; its lent blocks become orphans until then.
 """
 
 from __future__ import annotations
@@ -17,233 +20,320 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 
 import protocol as P
-from language_server.requests import Pending, ReceivedPrompt, RequestError
+from language_server.requests import Lease, LeaseState, Pending, ReceivedPrompt, RequestError
 from transfer import MultimodalDataBuffers, dtype_name, rows_checksum
 
 log = logging.getLogger("epd.language.receiver")
 
+_STATUS = {"preprocess": 400, "overloaded": 503}  # EncodeFailed stage -> HTTP status (else 502)
+
 
 class Receiver:
-    def __init__(
-        self,
-        buffers: MultimodalDataBuffers,
-        image_token_id: int,
-        max_waiting: int = 64,
-        max_prompt_tokens: int = 1 << 20,
-        merge_size: int = 2,
-        alloc_wait_s: float = 10.0,
-        quarantine_s: float = 10.0,
-    ) -> None:
+    def __init__(self, buffers: MultimodalDataBuffers, max_waiting: int = 64,
+                 alloc_wait_s: float = 10.0, dead_writer_s: float = 30.0,
+                 copy_event: Callable[[], Any] | None = None) -> None:  # fmt: skip
         self.buffers = buffers
-        self.image_token_id, self.merge_size = image_token_id, merge_size
-        self.max_waiting, self.max_prompt_tokens = max_waiting, max_prompt_tokens
-        self.alloc_wait_s, self.quarantine_s = alloc_wait_s, quarantine_s
+        # marks the end of the copies queued so far (a CUDA event on a GPU pool; None: the
+        # copies were synchronous, as on the CPU)
+        self.copy_event = copy_event or (_cuda_event if buffers.embeds.is_cuda else lambda: None)
+        self.max_waiting, self.alloc_wait_s, self.dead_writer_s = (
+            max_waiting,
+            alloc_wait_s,
+            dead_writer_s,
+        )
         self.dtype = dtype_name(buffers.dtype)
         self.pending: dict[str, Pending] = {}
-        self.waiting: deque[Pending] = deque()  # have an AllocRequest, wait for free blocks
-        self.quarantine: deque[tuple[float, list[int]]] = deque()
+        self.waiting: deque[Pending] = deque()  # requests waiting for room in the pool
+        self.lent: dict[tuple[str, int, int], Lease] = {}  # (rid, image, generation) -> lease
+        self.copying: list[tuple[Any, list[int]]] = []  # (CUDA event, blocks) of copies in flight
+        self.on_lent: Callable[[Pending], None] = lambda pending: None  # send its jobs
         self.peak_used = 0
         self.dropped_messages = 0
 
     @property
-    def quarantined_blocks(self) -> int:
-        return sum(len(blocks) for _, blocks in self.quarantine)
+    def orphaned_blocks(self) -> int:
+        """Blocks of ended requests that their writers still hold."""
+        return sum(
+            len(x.blocks or ()) for x in self.lent.values() if x.state is LeaseState.ORPHANED
+        )
 
-    def expect(self, pending: Pending) -> None:
-        """Register a request about to be sent to ``pending.link``."""
+    @property
+    def lent_blocks(self) -> int:
+        """Blocks lent to encoders now (jobs out, verified rows, orphans)."""
+        return sum(len(x.blocks or ()) for x in self.lent.values())
+
+    # --- lending ----------------------------------------------------------------------------
+
+    def admit(self, pending: Pending) -> None:
+        """Lend blocks to every image of ``pending`` now (then ``on_lent``), or queue it.
+
+        Raises ``RequestError`` 413 when it can never fit, 503 when too many already wait.
+        """
+        need = sum(self.buffers.blocks_for(x.n_tokens) for x in pending.leases)
+        if need > self.buffers.num_blocks:
+            raise RequestError(413, f"{sum(x.n_tokens for x in pending.leases)} visual tokens "
+                               f"need {need} blocks; the pool has {self.buffers.num_blocks} "
+                               f"blocks of {self.buffers.block_tokens} tokens")  # fmt: skip
         self.pending[pending.rid] = pending
-        pending.marks.setdefault("sent", time.perf_counter())
+        if not self.waiting and self._lend_all(pending):
+            return
+        if len(self.waiting) >= self.max_waiting:
+            del self.pending[pending.rid]
+            raise RequestError(503, "receive buffers are full; retry later", retry_after_s=1.0)
+        pending.waiting_since = time.monotonic()
+        self.waiting.append(pending)
+
+    def _lend_all(self, pending: Pending) -> bool:
+        """Blocks for every lease still without them, all or none."""
+        todo = [x for x in pending.leases if x.state is LeaseState.WAITING and x.blocks is None]
+        if sum(self.buffers.blocks_for(x.n_tokens) for x in todo) > self.buffers.num_free:
+            return False
+        for lease in todo:
+            blocks = self.buffers.alloc(lease.n_tokens)
+            assert blocks is not None  # fits: checked above
+            lease.blocks, lease.generation = blocks, secrets.randbits(63)
+        self.peak_used = max(self.peak_used, self.buffers.num_blocks - self.buffers.num_free)
+        pending.waiting_since = 0.0
+        pending.marks.setdefault("lent", time.perf_counter())
+        self.on_lent(pending)
+        return True
+
+    def job(self, lease: Lease, data: bytes, grid: list[int]) -> P.EncodeJob:
+        """The EncodeJob for ``lease`` (which holds blocks and a generation)."""
+        assert lease.blocks is not None
+        where = self.buffers.describe(lease.blocks)
+        return P.EncodeJob(
+            rid=lease.request.rid, image=lease.image, data=data, grid=grid,
+            n_tokens=lease.n_tokens, hidden=self.buffers.hidden, dtype=self.dtype,  # type: ignore[arg-type]
+            generation=lease.generation, session=where.session, block_tokens=where.block_tokens,
+            blocks=lease.blocks, embed_addrs=where.embed_addrs, deepstack_addrs=where.deepstack_addrs,
+        )  # fmt: skip
+
+    def sent(self, lease: Lease, link: Any) -> None:
+        """``lease``'s job is queued for ``link``: from now on its blocks are lent to it."""
+        lease.link, lease.incarnation, lease.state = link, link.incarnation, LeaseState.SENT
+        self.lent[lease.key] = lease
+        link.inflight.add(lease.key)
 
     # --- messages from encoders -------------------------------------------------------------
 
     def on_message(self, link: Any, msg: P.Message) -> None:
-        rid = getattr(msg, "rid", None)
-        req = self.pending.get(rid) if rid else None
-        if req is None or req.link is not link:
-            self.dropped_messages += 1
-            log.warning("%s for unknown request %s from %s: dropped", type(msg).__name__, rid,
-                        getattr(link, "address", "?"))  # fmt: skip
-            if isinstance(msg, P.AllocRequest):  # let the encoder drop it now, not at its timeout
-                link.send(P.AllocDenied(rid=msg.rid, code="unknown_request", reason="not ours"))
-            return
-        if isinstance(msg, P.AllocRequest):
-            self._on_alloc(req, msg)
-        elif isinstance(msg, P.TransferDone):
-            self._on_done(req, msg)
+        if isinstance(msg, P.TransferDone):
+            lease = self._lease(link, msg.rid, msg.image, msg.generation)
+            if lease is not None:
+                self._on_done(lease, msg)
         elif isinstance(msg, P.EncodeFailed):
-            # The encoder stopped its transfer before saying so: blocks can be reused at once.
-            self._free_now(req.blocks)
-            req.blocks = None
-            status = {"preprocess": 400, "overloaded": 503}.get(msg.stage, 502)
-            err = RequestError(status, f"encoder failed at {msg.stage}: {msg.reason}",
-                               retry_after_s=1.0 if status == 503 else 0.0)  # fmt: skip
-            self.fail(req, err)
+            self._on_failed(link, msg)
         else:
-            self.dropped_messages += 1
-            log.warning("unexpected %s from %s", type(msg).__name__, getattr(link, "address", "?"))
+            self._drop(link, msg, "not for a language server")
 
-    def _on_alloc(self, req: Pending, msg: P.AllocRequest) -> None:
-        req.marks["alloc_received"] = time.perf_counter()
-        problem = self._check_alloc(req, msg)
-        if problem:
-            self.fail(
-                req, RequestError(502, f"bad allocation request: {problem}"), deny="bad_request"
+    def _lease(self, link: Any, rid: str, image: int, generation: int) -> Lease | None:
+        lease = self.lent.get((rid, image, generation))
+        if lease is None or lease.link is not link:
+            self._drop(
+                link, None, f"no blocks of {rid}/{image} lent to it in generation {generation}"
             )
-            return
-        if msg.seq_len > self.max_prompt_tokens:
-            err = RequestError(400, f"prompt has {msg.seq_len} tokens, the limit is "
-                               f"{self.max_prompt_tokens}")  # fmt: skip
-            self.fail(req, err, deny="bad_request")
-            return
-        req.alloc = msg
-        try:
-            blocks = self.buffers.alloc(msg.n_tokens)
-        except ValueError as exc:  # can never fit
-            self.fail(req, RequestError(413, str(exc)), deny="too_large")
-            return
-        if blocks is not None:
-            self._grant(req, blocks)
-        elif len(self.waiting) >= self.max_waiting:
-            err = RequestError(503, "receive buffers are full; retry later", retry_after_s=1.0)
-            self.fail(req, err, deny="pool_full")
-        else:
-            req.waiting_since = time.monotonic()
-            self.waiting.append(req)
+            return None
+        return lease
 
-    def _check_alloc(self, req: Pending, msg: P.AllocRequest) -> str:
-        if req.alloc is not None:
-            return "duplicate AllocRequest"
-        if msg.hidden != self.buffers.hidden or msg.dtype != self.dtype:
-            return f"rows are {msg.dtype} x {msg.hidden}, the pool {self.dtype} x {self.buffers.hidden}"
-        n_image = int((msg.token_ids() == self.image_token_id).sum())
-        if n_image != msg.n_tokens:
-            return f"{msg.n_tokens} visual tokens announced, the prompt has {n_image} image pads"
-        grid_tokens = sum(t * h * w for t, h, w in msg.image_grid_thw) // self.merge_size**2
-        if grid_tokens != msg.n_tokens:
-            return f"image grids hold {grid_tokens} visual tokens, {msg.n_tokens} announced"
+    def _on_done(self, lease: Lease, msg: P.TransferDone) -> None:
+        """The write ended (whatever it wrote): verify the rows, or fail the request; either way
+        no write of this job lands in the blocks any more."""
+        if lease.state is LeaseState.ORPHANED:  # nobody needs the rows
+            self._return(lease)
+            return
+        problem = self._verify(lease, msg)
+        if problem:
+            self.fail(lease.request, RequestError(502, problem), skip=lease)
+            self._return(lease)
+            return
+        lease.state, lease.timings = LeaseState.VERIFIED, msg.timings
+        lease.link.served += 1
+        if all(x.state is LeaseState.VERIFIED for x in lease.request.leases):
+            self._complete(lease.request)
+
+    def _verify(self, lease: Lease, msg: P.TransferDone) -> str:
+        if lease.state is not LeaseState.SENT or msg.n_tokens != lease.n_tokens:
+            return (f"bad TransferDone for image {lease.image}: {msg.n_tokens} rows, "
+                    f"{lease.n_tokens} lent")  # fmt: skip
+        assert lease.blocks is not None
+        embeds, deepstack = self.buffers.gather(lease.blocks, lease.n_tokens)
+        if rows_checksum(embeds, deepstack, self.buffers.block_tokens) != msg.checksum:
+            return f"rows of image {lease.image} do not match the sender's checksum"
         return ""
 
-    def _grant(self, req: Pending, blocks: list[int]) -> None:
-        assert req.alloc is not None
-        req.blocks, req.generation, req.waiting_since = blocks, secrets.randbits(63), 0.0
-        self.peak_used = max(self.peak_used, self.buffers.num_blocks - self.buffers.num_free)
-        where = self.buffers.describe(blocks)
-        req.marks["granted"] = time.perf_counter()
-        req.link.send(
-            P.AllocGrant(
-                rid=req.rid,
-                generation=req.generation,
-                session=where.session,
-                block_tokens=where.block_tokens,
-                n_tokens=req.alloc.n_tokens,
-                hidden=self.buffers.hidden,
-                dtype=self.dtype,  # type: ignore[arg-type]
-                blocks=blocks,
-                embed_addrs=where.embed_addrs,
-                deepstack_addrs=where.deepstack_addrs,
-            )  # fmt: skip
-        )
-
-    def _on_done(self, req: Pending, msg: P.TransferDone) -> None:
-        alloc, blocks = req.alloc, req.blocks
-        if blocks is None or alloc is None or msg.generation != req.generation:
-            self.dropped_messages += 1
-            log.warning("stale or unexpected TransferDone for %s (generation %d): ignored",
-                        req.rid, msg.generation)  # fmt: skip
+    def _on_failed(self, link: Any, msg: P.EncodeFailed) -> None:
+        if msg.generation == 0:  # the answer to an Abort for a job the encoder did not have
+            for lease in [x for x in self.lent.values() if x.link is link
+                          and x.request.rid == msg.rid and msg.image in (-1, x.image)]:  # fmt: skip
+                if lease.state is LeaseState.ORPHANED:
+                    self._return(lease)
             return
-        if msg.n_tokens != alloc.n_tokens:
-            self.fail(
-                req, RequestError(502, f"{msg.n_tokens} rows reported, {alloc.n_tokens} granted")
-            )
+        lease = self._lease(link, msg.rid, msg.image, msg.generation)
+        if lease is None:
             return
-        embeds, deepstack = self.buffers.gather(blocks, alloc.n_tokens)
-        if rows_checksum(embeds, deepstack, self.buffers.block_tokens) != msg.checksum:
-            self.fail(req, RequestError(502, "received rows do not match the sender's checksum"))
-            return
-        req.marks["done_received"] = time.perf_counter()
-        ids = torch.from_numpy(alloc.token_ids().astype(np.int64))
-        prompt = ReceivedPrompt(
-            input_ids=ids,
-            positions=torch.from_numpy(alloc.position_ids().astype(np.int64)),
-            visual_mask=ids == self.image_token_id,
-            embeds=embeds,
-            deepstack=deepstack,
-            image_grid_thw=torch.tensor(alloc.image_grid_thw, dtype=torch.long).reshape(-1, 3),
-            timings=msg.timings,
-        )
-        self._forget(req)
-        req.link.served += 1
-        req.blocks = None
-        try:
-            req.on_ready(prompt, None)  # must copy the rows it needs before returning
-        finally:
-            self._free_now(blocks)
+        if lease.state is not LeaseState.ORPHANED:
+            status = _STATUS.get(msg.stage, 502)
+            err = RequestError(status, f"encoder failed image {msg.image} at {msg.stage}: "
+                               f"{msg.reason}", retry_after_s=1.0 if status == 503 else 0.0)  # fmt: skip
+            self.fail(lease.request, err, skip=lease)
+        if msg.write_stopped:
+            self._return(lease)
 
     # --- endings ----------------------------------------------------------------------------
 
-    def fail(self, req: Pending, error: RequestError, deny: str = "", writing: bool = True) -> None:
-        """End ``req`` with ``error``; tell its encoder (deny or abort); free its blocks
-        (after a quarantine when its encoder may still be ``writing`` into them)."""
+    def _complete(self, req: Pending) -> None:
+        """Every image verified: hand the rows to ``on_ready`` (it copies them), then give the
+        blocks back once that copy has completed."""
+        self._forget(req)
+        req.marks["done_received"] = time.perf_counter()
+        parts = [self.buffers.gather(x.blocks or [], x.n_tokens) for x in req.leases]
+        if len(parts) == 1:
+            embeds, deepstack = parts[0]
+        else:
+            embeds = torch.cat([e for e, _ in parts])
+            deepstack = torch.cat([d for _, d in parts])
+        prompt = req.prompt
+        last = max(req.leases, key=lambda x: _total(x.timings))
+        ready = ReceivedPrompt(
+            input_ids=prompt.input_ids, positions=prompt.positions,
+            visual_mask=prompt.visual_mask, embeds=embeds, deepstack=deepstack,
+            image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
+        )  # fmt: skip
+        try:
+            req.on_ready(ready, None)  # the engine copies the rows it needs before returning
+        finally:
+            for lease in req.leases:
+                self.lent.pop(lease.key, None)
+                self._free_after_copy(lease.blocks)
+                lease.blocks = None
+
+    def fail(self, req: Pending, error: RequestError, skip: Lease | None = None) -> None:
+        """End ``req`` with ``error``. Its encoders are told to stop (Abort); blocks that they
+        may still write into stay lent (orphaned) until they say so. Idempotent."""
         if not self._forget(req):
             return
-        if deny:
-            req.link.send(P.AllocDenied(rid=req.rid, code=deny, reason=error.message[:4000],  # type: ignore[arg-type]
-                                        retry_after_s=error.retry_after_s))  # fmt: skip
-        else:
-            req.link.send(P.Abort(rid=req.rid, reason=error.message[:4000]))
-        self.detach(req, writing)
+        for lease in req.leases:
+            if lease.state is LeaseState.SENT:
+                lease.state = LeaseState.ORPHANED
+                if lease is not skip:
+                    lease.link.send(P.Abort(rid=req.rid, image=lease.image,
+                                            reason=error.message[:4000]))  # fmt: skip
+            elif lease.state is LeaseState.VERIFIED:  # written and checked: nobody writes there
+                self._return(lease)
+            elif lease.blocks is not None:  # taken, but its job never went out
+                self._free(lease.blocks)
+                lease.blocks = None
         log.warning("request %s failed (%d): %s", req.rid, error.status, error.message)
         req.on_ready(None, error)
 
-    def detach(self, req: Pending, writing: bool = True) -> None:
-        """Drop ``req``'s claim on the pool (to fail it or send it elsewhere). Idempotent.
+    def writer_dead(self, lease: Lease) -> None:
+        """``lease``'s encoder was declared dead: its blocks stay lent (as an orphan) until the
+        transport's own timeout has passed; ``lease`` itself is ready to be lent again."""
+        orphan = Lease(lease.request, lease.image, lease.n_tokens, lease.blocks, lease.generation,
+                       lease.link, lease.incarnation, LeaseState.ORPHANED, time.monotonic())  # fmt: skip
+        self.lent[orphan.key] = orphan
+        lease.link.inflight.discard(lease.key)
+        lease.blocks, lease.link, lease.generation, lease.state = None, None, 0, LeaseState.WAITING
 
-        Granted blocks go to quarantine when the encoder may still be ``writing`` into them.
-        """
-        blocks, req.blocks = req.blocks, None
-        req.alloc, req.generation, req.waiting_since = None, 0, 0.0
-        if req in self.waiting:
-            self.waiting.remove(req)
-        if blocks is not None and writing and self.quarantine_s > 0:
-            self.quarantine.append((time.monotonic() + self.quarantine_s, blocks))
-        else:
-            self._free_now(blocks)
+    def writer_restarted(self, link: Any) -> list[Pending]:
+        """``link``'s process was replaced: nothing the old one started can land any more.
+        Returns the requests that lost a job there (their leases are WAITING again)."""
+        hit: list[Pending] = []
+        for lease in [x for x in self.lent.values()
+                      if x.link is link and x.incarnation != link.incarnation]:  # fmt: skip
+            if lease.state is LeaseState.SENT:
+                self.lent.pop(lease.key, None)
+                link.inflight.discard(lease.key)
+                self._free(lease.blocks)
+                lease.blocks, lease.link, lease.state = None, None, LeaseState.WAITING
+                if lease.request not in hit:
+                    hit.append(lease.request)
+            elif lease.state is LeaseState.ORPHANED:
+                self._return(lease)
+        return hit
+
+    def relend(self, req: Pending) -> None:
+        """Lend blocks again to ``req``'s leases that lost theirs (all or none), or let it
+        wait for room (ahead of new requests)."""
+        if self.pending.get(req.rid) is req and not self._lend_all(req):
+            req.waiting_since = time.monotonic()
+            self.waiting.appendleft(req)
 
     def tick(self) -> None:
-        """Housekeeping, called often: end quarantines, expire long waits, serve waiters."""
+        """Housekeeping, called often: finished copies, dead writers past the transport's
+        timeout, long waits, then requests waiting for room."""
+        copying, self.copying = self.copying, []
+        for event, blocks in copying:
+            if event.query():
+                self._free(blocks)
+            else:
+                self.copying.append((event, blocks))
         now = time.monotonic()
-        while self.quarantine and self.quarantine[0][0] <= now:
-            self.buffers.free(self.quarantine.popleft()[1])
+        for lease in [x for x in self.lent.values() if x.dead_since
+                      and now - x.dead_since >= self.dead_writer_s]:  # fmt: skip
+            log.info("blocks of %s/%d back: their dead writer's transport timed out",
+                     lease.request.rid, lease.image)  # fmt: skip
+            self._return(lease)
         while self.waiting and now - self.waiting[0].waiting_since > self.alloc_wait_s:
             err = RequestError(503, f"no receive blocks freed up within {self.alloc_wait_s:.0f} s",
                                retry_after_s=1.0)  # fmt: skip
-            self.fail(self.waiting[0], err, deny="pool_full")
+            self.fail(self.waiting[0], err)
         self._serve_waiting()
 
     def _serve_waiting(self) -> None:
-        while self.waiting:
-            head = self.waiting[0]
-            assert head.alloc is not None
-            blocks = self.buffers.alloc(head.alloc.n_tokens)
-            if blocks is None:
-                return
+        while self.waiting and self._lend_all(self.waiting[0]):
             self.waiting.popleft()
-            self._grant(head, blocks)
 
-    def _free_now(self, blocks: list[int] | None) -> None:
-        if blocks is not None:
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _return(self, lease: Lease) -> None:
+        if self.lent.pop(lease.key, None) is lease:
+            self._free(lease.blocks)
+            lease.blocks = None
+
+    def _free(self, blocks: list[int] | None) -> None:
+        if blocks:
             self.buffers.free(blocks)
             self._serve_waiting()
+
+    def _free_after_copy(self, blocks: list[int] | None) -> None:
+        """Free once the copies queued so far have completed (at once when they were
+        synchronous, as on the CPU)."""
+        event = self.copy_event() if blocks else None
+        if event is not None and not event.query():
+            self.copying.append((event, blocks))
+        else:
+            self._free(blocks)
 
     def _forget(self, req: Pending) -> bool:
         if self.pending.get(req.rid) is not req:
             return False
         del self.pending[req.rid]
-        req.link.inflight.discard(req.rid)
+        if req in self.waiting:
+            self.waiting.remove(req)
+        for lease in req.leases:
+            if lease.link is not None:
+                lease.link.inflight.discard(lease.key)
         return True
+
+    def _drop(self, link: Any, msg: P.Message | None, why: str) -> None:
+        self.dropped_messages += 1
+        name = type(msg).__name__ if msg is not None else "message"
+        log.warning("%s from %s dropped: %s", name, getattr(link, "address", "?"), why)
+
+
+def _total(t: P.EncodeTimings | None) -> float:
+    return 0.0 if t is None else t.queue_s + t.preprocess_s + t.vision_s + t.transfer_s
+
+
+def _cuda_event() -> Any:
+    event = torch.cuda.Event()
+    event.record()
+    return event

@@ -1,7 +1,8 @@
-"""Request records shared by the language server's receiver, service and engines."""
+"""Request records shared by the language server's receiver, dispatcher, service and engines."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,20 +30,48 @@ class ReceivedPrompt:
     embeds: torch.Tensor  # [n_vis, H]: views into the pool, valid only inside on_ready
     deepstack: torch.Tensor  # [n_vis, 3H]
     image_grid_thw: torch.Tensor  # [n_images, 3]
-    timings: P.EncodeTimings
+    timings: P.EncodeTimings  # of the image that finished last (the critical path)
+
+
+class LeaseState(enum.Enum):
+    WAITING = "waiting"  # no blocks yet (the request waits for room in the pool)
+    SENT = "sent"  # blocks lent to ``link``; its EncodeJob is out
+    VERIFIED = "verified"  # TransferDone checked: the rows are in the blocks
+    ORPHANED = "orphaned"  # the request ended; the blocks wait for their writer to let go
+
+
+@dataclass(eq=False)
+class Lease:
+    """One image of one request: its encode job and the blocks lent to that job's writer.
+
+    The blocks return to the pool only by the rule in ``transfer/base.py``: rows consumed,
+    the writer said its write stopped, or the writer can no longer write.
+    """
+
+    request: Pending
+    image: int
+    n_tokens: int
+    blocks: list[int] | None = None
+    generation: int = 0
+    link: Any = None  # the EncoderLink the job went to
+    incarnation: int = 0  # of that encoder process, when the job went out
+    state: LeaseState = LeaseState.WAITING
+    dead_since: float = 0.0  # when its writer was declared dead (0: alive)
+    timings: P.EncodeTimings | None = None
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.request.rid, self.image, self.generation
 
 
 @dataclass(eq=False)
 class Pending:
-    """One request between EncodeRequest and TransferDone (or its failure)."""
+    """One request with images, from its first encode job until its rows were consumed."""
 
     rid: str
-    link: Any  # the EncoderLink it was sent to
-    message: P.EncodeRequest  # kept to re-dispatch it to another encoder
+    prompt: Any  # language_server.prompt.PreparedPrompt
     on_ready: Callable[[ReceivedPrompt | None, RequestError | None], None]
-    alloc: P.AllocRequest | None = None
-    blocks: list[int] | None = None
-    generation: int = 0
+    leases: list[Lease] = field(default_factory=list)
     waiting_since: float = 0.0  # when it started waiting for free blocks (0: not waiting)
     attempts: int = 1
     marks: dict[str, float] = field(default_factory=dict)

@@ -9,23 +9,22 @@ prompt ready (text-only prompts are tokenized here; prompts with images go throu
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-import protocol as P
 from language_server.chat_request import ChatRequest, parse_chat_request, stop_token_ids
 from language_server.config import LanguageConfig
 from language_server.dispatch import Dispatcher
 from language_server.encoders import EncoderPool
 from language_server.engine import EngineBase, GenJob
+from language_server.prompt import PromptBuilder, PromptError
 from language_server.receiver import Receiver
 from language_server.requests import ReceivedPrompt, RequestError
-from protocol.chat import ImageSourcePolicy, to_messages
+from protocol.chat import ImageSourcePolicy
 
 log = logging.getLogger("epd.language")
 
@@ -41,15 +40,16 @@ class Running:
 
 
 class ChatService:
-    def __init__(self, config: LanguageConfig, engine: EngineBase, tokenizer: Any,
+    def __init__(self, config: LanguageConfig, engine: EngineBase, builder: PromptBuilder,
                  receiver: Receiver, encoders: EncoderPool) -> None:  # fmt: skip
-        self.config, self.engine, self.tokenizer = config, engine, tokenizer
+        self.config, self.engine, self.builder = config, engine, builder
+        self.tokenizer = builder.tokenizer
         self.receiver, self.encoders = receiver, encoders
         self.dispatcher = Dispatcher(receiver, encoders, config.request_timeout_s)
         self.policy = ImageSourcePolicy(
             max_images=config.max_images, allow_local_files=config.allow_local_images
         )
-        self.stop_ids = stop_token_ids(tokenizer)
+        self.stop_ids = stop_token_ids(self.tokenizer)
         self._active: set[str] = set()  # request ids from start() until their job ends
 
     @property
@@ -64,14 +64,25 @@ class ChatService:
         await self.dispatcher.stop()
         await self.encoders.stop()
 
-    def prepare(self, body: Any) -> ChatRequest:
-        """Validate an OpenAI chat-completions body. ValueError (-> 400) on anything wrong."""
-        return parse_chat_request(
-            body, self.policy, self.config.max_new_tokens_limit, self.stop_ids
+    async def prepare(self, body: bytes) -> ChatRequest:
+        """Parse and validate an OpenAI chat-completions body and build its prompt, on a worker
+        thread. Raises RequestError (400/413) on anything wrong."""
+        try:
+            return await asyncio.to_thread(self._prepare, body)
+        except PromptError as exc:
+            raise RequestError(exc.status, exc.message) from None
+        except ValueError as exc:  # includes JSON decode errors
+            raise RequestError(400, str(exc)) from None
+
+    def _prepare(self, body: bytes) -> ChatRequest:
+        req = parse_chat_request(
+            json.loads(body), self.policy, self.config.max_new_tokens_limit, self.stop_ids
         )
+        req.prompt = self.builder.build(req.turns, req.images, req.add_generation_prompt)
+        return req
 
     async def start(self, req: ChatRequest) -> Running:
-        """Get the prompt's inputs ready and queue it on the engine. Raises RequestError."""
+        """Get the prompt's visual rows (if any) and queue it on the engine. Raises RequestError."""
         if self.inflight >= self.config.max_inflight:
             raise RequestError(503, f"server busy: {self.inflight} requests in flight",
                                retry_after_s=1.0)  # fmt: skip
@@ -85,30 +96,19 @@ class ChatService:
                 loop.call_soon_threadsafe(self._active.discard, req.rid)
 
         self._active.add(req.rid)
+        prompt = req.prompt
         try:
-            if req.images:
-                message = P.EncodeRequest(rid=req.rid, turns=req.turns, images=req.images)
+            if prompt.images:
                 job = await self.dispatcher.encode(
-                    message, lambda prompt: self._image_job(req, prompt, emit), req.marks
+                    req.rid, prompt, lambda rows: self._image_job(req, rows, emit), req.marks
                 )
             else:
-                job = self._text_job(req, emit)
-            if len(job.input_ids) > self.config.max_prompt_tokens:
-                raise RequestError(400, f"prompt has {len(job.input_ids)} tokens, the limit is "
-                                   f"{self.config.max_prompt_tokens}")  # fmt: skip
+                job = self.engine.job_for_text(prompt.input_ids, prompt.positions, req.params, emit)
         except BaseException:
             self._active.discard(req.rid)
             raise
         self.engine.submit(job)
-        return Running(req, job, events, len(job.input_ids))
-
-    def _text_job(self, req: ChatRequest, emit) -> GenJob:
-        text = self.tokenizer.apply_chat_template(
-            to_messages(req.turns, []), tokenize=False, add_generation_prompt=True
-        )
-        ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
-        positions = torch.arange(len(ids)).expand(3, -1).contiguous()
-        return self.engine.job_for_text(ids, positions, req.params, emit)
+        return Running(req, job, events, len(prompt.input_ids))
 
     def _image_job(self, req: ChatRequest, prompt: ReceivedPrompt, emit) -> GenJob:
         """The engine copies the received rows out of the pool; the blocks are freed after."""
@@ -116,8 +116,10 @@ class ChatService:
         n_vis = prompt.embeds.shape[0]
         req.timings["visual_tokens"] = n_vis
         req.timings["transfer_bytes"] = n_vis * self.receiver.buffers.bytes_per_token
-        req.timings.update(queue_s=t.queue_s, preprocess_s=t.preprocess_s, vision_s=t.vision_s,
-                           grant_wait_s=t.grant_wait_s, transfer_s=t.transfer_s)  # fmt: skip
+        lent = req.marks.get("lent", req.marks["start"])
+        req.timings.update(block_wait_s=max(0.0, lent - req.marks["start"]), queue_s=t.queue_s,
+                           preprocess_s=t.preprocess_s, vision_s=t.vision_s,
+                           transfer_s=t.transfer_s)  # fmt: skip
         return self.engine.job_for_image(prompt, req.params, emit)
 
     async def tokens(self, run: Running) -> AsyncIterator[int]:
@@ -148,5 +150,5 @@ class ChatService:
         t = req.timings
         t["ttft_s"] = req.marks["first_token"] - req.marks["start"]
         t["prefill_s"] = marks.get("first_token", 0.0) - marks.get("prefill_start", 0.0)
-        parts = ("queue_s", "preprocess_s", "vision_s", "grant_wait_s", "transfer_s", "prefill_s")
+        parts = ("block_wait_s", "queue_s", "preprocess_s", "vision_s", "transfer_s", "prefill_s")
         t["overhead_s"] = t["ttft_s"] - sum(t.get(k, 0.0) for k in parts)

@@ -1,8 +1,9 @@
-"""OpenAI-style chat messages <-> ``EncodeRequest`` turns, without decoding any image.
+"""OpenAI-style chat messages <-> validated ``ChatTurn`` parts plus image bytes, decoding no image.
 
 The language server (the front door) turns the client's messages into ``ChatTurn`` parts plus
-the raw bytes of each image (from a ``data:`` URL or a local file); the encode server turns
-them back into messages for its processor. Remote URLs are never fetched. Every rejection is a
+the raw bytes of each image (from a ``data:`` URL or a local file); its prompt builder turns
+them back into messages for the chat template, and each image's bytes go to an encoder as one
+job. Remote URLs are never fetched. Every rejection is a
 ``ValueError`` whose message says what was wrong, fit for an HTTP 400.
 """
 

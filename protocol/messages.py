@@ -1,25 +1,31 @@
 """Control-plane messages: one frozen, typed struct per step of the request flow.
 
 Every message carries a ``type`` tag (its class's wire name) and a ``version``. Messages carry
-descriptors only (ids, shapes, dtypes, addresses); tensors travel on the data plane. Field
-constraints are declared on the types and checked while decoding (see ``protocol.codec``);
-cross-field rules live in ``__post_init__`` so that decoding and construction agree.
+descriptors only (ids, shapes, dtypes, addresses) and, in ``EncodeJob``, the encoded image;
+tensors travel on the data plane. Field constraints are declared on the types and checked while
+decoding (see ``protocol.codec``); cross-field rules live in ``__post_init__`` so that decoding
+and construction agree.
 
-Request flow (DESIGN.md)::
+Request flow v3 (DESIGN.md): the language side prepares the prompt, takes blocks from its pool
+and sends one ``EncodeJob`` per image, carrying the blocks' remote addresses; no round trip
+precedes the write::
 
-    language -> encode    EncodeRequest, Abort
-    encode   -> language  AllocRequest, TransferDone, EncodeFailed, EncoderHello, Heartbeat
-    language -> encode    AllocGrant, AllocDenied
+    language -> encode    EncodeJob, Abort, Heartbeat
+    encode   -> language  TransferDone, EncodeFailed, EncoderHello, Heartbeat
+
+Blocks are lent to the job's writer. They come back when its ``TransferDone`` was verified and
+the rows consumed, when an ``EncodeFailed`` says ``write_stopped``, or when the writer can no
+longer write (its ``incarnation`` changed, or it was declared dead and the transport's own
+timeout has passed since).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
-import numpy as np
 
-PROTOCOL_VERSION = 2  # 2: AllocRequest's token ids and positions are packed int32 arrays
+PROTOCOL_VERSION = 3  # 3: one EncodeJob per image carries its blocks; no AllocRequest/AllocGrant
 
 MAX_SEQ_TOKENS = 1 << 20  # prompt tokens in one request
 MAX_IMAGES = 64  # images in one request
@@ -34,10 +40,6 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
 U32 = Annotated[int, msgspec.Meta(ge=0, le=(1 << 32) - 1)]
 U64 = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]  # msgspec bounds fit int64
-# int32 arrays travel as little-endian bytes: a 16k-token prompt's ids and M-RoPE positions
-# decoded as MessagePack int lists took 1.6 ms (and as long again to become tensors)
-Int32s = Annotated[bytes, msgspec.Meta(max_length=4 * 3 * MAX_SEQ_TOKENS)]
-_I32 = np.dtype("<i4")
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ_TOKENS)]
 Hidden = Annotated[int, msgspec.Meta(ge=1, le=MAX_HIDDEN)]
 DType = Literal["float32", "bfloat16", "float16"]
@@ -63,11 +65,11 @@ def _check(cond: bool, reason: str) -> None:
         raise ValueError(reason)
 
 
-# --- language -> encode -----------------------------------------------------------------------
+# --- a chat prompt, as the front door validated it (language side only) ---------------------
 
 
 class ContentPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One part of a chat turn: text, or a reference to ``EncodeRequest.images[image]``."""
+    """One part of a chat turn: text, or a reference to the request's ``images[image]``."""
 
     kind: Literal["text", "image"]
     text: Annotated[str, msgspec.Meta(max_length=MAX_TEXT)] = ""
@@ -79,47 +81,36 @@ class ChatTurn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     parts: Annotated[list[ContentPart], msgspec.Meta(max_length=256)]
 
 
-class EncodeRequest(Message, frozen=True, kw_only=True, tag="encode"):
-    """Encode one prompt: tokenize it, run the ViT on its images, ship the rows to ``reply_to``."""
+# --- language -> encode -----------------------------------------------------------------------
 
-    rid: Rid
-    turns: Annotated[list[ChatTurn], msgspec.Meta(min_length=1, max_length=1024)]
-    images: Annotated[
-        list[Annotated[bytes, msgspec.Meta(max_length=MAX_IMAGE_BYTES)]],
-        msgspec.Meta(max_length=MAX_IMAGES),
-    ] = []
-    add_generation_prompt: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        used = [p.image for t in self.turns for p in t.parts if p.kind == "image"]
-        _check(
-            sorted(used) == list(range(len(self.images))), "image parts must use each image once"
-        )
+ImageIndex = Annotated[int, msgspec.Meta(ge=0, lt=MAX_IMAGES)]
+Grid = Annotated[
+    list[Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]], msgspec.Meta(min_length=3, max_length=3)
+]
 
 
-class Abort(Message, frozen=True, kw_only=True, tag="abort"):
-    """The language side gave up on ``rid``: drop its work and any source buffers."""
+class EncodeJob(Message, frozen=True, kw_only=True, tag="job"):
+    """Encode image ``image`` of request ``rid`` and write its rows into the lent blocks.
 
-    rid: Rid
-    reason: Reason = ""
-
-
-class AllocGrant(Message, frozen=True, kw_only=True, tag="grant"):
-    """Blocks granted for ``rid``; valid only for this ``generation`` (a per-grant nonce).
-
-    ``embed_addrs[i]`` / ``deepstack_addrs[i]`` are the remote addresses of block ``blocks[i]`` in
-    the embedding and deepstack regions; rows ``i*block_tokens ...`` of the request land there.
+    The language side read the image's size from its header and computed ``grid`` ([t, h, w]
+    patches) and ``n_tokens`` (visual rows) with the image processor's own resize rule; the
+    encoder refuses the job when its preprocessing disagrees. Row ``r`` of the image lands in
+    block ``blocks[r // block_tokens]``, at ``embed_addrs[i]`` / ``deepstack_addrs[i]`` of
+    ``session``. ``generation`` is a fresh random nonce per lending: the done message must
+    carry it back, so a late message can never claim blocks lent again since.
     """
 
     rid: Rid
+    image: ImageIndex = 0
+    data: Annotated[bytes, msgspec.Meta(min_length=1, max_length=MAX_IMAGE_BYTES)]
+    grid: Grid
+    n_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ_TOKENS)]
+    hidden: Hidden
+    dtype: DType
     generation: U64
     session: Name
     block_tokens: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]
-    n_tokens: Tokens
-    hidden: Hidden
-    dtype: DType
-    blocks: Annotated[list[U32], msgspec.Meta(max_length=MAX_BLOCKS)]
+    blocks: Annotated[list[U32], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS)]
     embed_addrs: Annotated[list[U64], msgspec.Meta(max_length=MAX_BLOCKS)]
     deepstack_addrs: Annotated[list[U64], msgspec.Meta(max_length=MAX_BLOCKS)]
 
@@ -131,89 +122,42 @@ class AllocGrant(Message, frozen=True, kw_only=True, tag="grant"):
         )
         _check(len(set(self.blocks)) == n, "duplicate block ids")
         need = -(-self.n_tokens // self.block_tokens)
-        _check(n == need, f"{n} blocks granted for {self.n_tokens} tokens, need {need}")
+        _check(n == need, f"{n} blocks lent for {self.n_tokens} tokens, need {need}")
+        t, h, w = self.grid
+        _check(t * h * w >= self.n_tokens, "grid holds fewer patches than visual tokens")
 
 
-class AllocDenied(Message, frozen=True, kw_only=True, tag="denied"):
-    """No blocks for ``rid``. ``code`` says whether retrying can help."""
+class Abort(Message, frozen=True, kw_only=True, tag="abort"):
+    """The language side gave up on ``rid`` (every image, or just ``image`` when >= 0).
+
+    The encoder drops the job's work and answers ``EncodeFailed(stage="aborted")`` once its
+    write into the lent blocks has stopped (at once when none was running, or for a job it
+    does not know).
+    """
 
     rid: Rid
-    code: Literal["too_large", "pool_full", "bad_request", "unknown_request"] = "bad_request"
+    image: Annotated[int, msgspec.Meta(ge=-1, lt=MAX_IMAGES)] = -1
     reason: Reason = ""
-    retry_after_s: Seconds = 0.0
 
 
 # --- encode -> language -----------------------------------------------------------------------
 
 
-def int32s(values: Any) -> bytes:
-    """Pack integers (a sequence, nested sequences or an array) as little-endian int32 bytes."""
-    arr = np.asarray(values)
-    if arr.size and (arr.min() < 0 or arr.max() >= 1 << 31):
-        raise ValueError("values must lie in [0, 2**31)")
-    return np.ascontiguousarray(arr, dtype=_I32).tobytes()
-
-
-class AllocRequest(Message, frozen=True, kw_only=True, tag="alloc"):
-    """The encoder tokenized ``rid`` and needs room for ``n_tokens`` visual rows.
-
-    ``input_ids`` ``[seq]`` and the M-RoPE ``positions`` ``[3, seq]`` (row-major) are
-    little-endian int32 arrays (pack with ``int32s``; read with ``token_ids`` and
-    ``position_ids``), every value in ``[0, 2**31)``.
-    """
-
-    rid: Rid
-    encoder_id: Name
-    n_tokens: Tokens
-    hidden: Hidden
-    dtype: DType
-    input_ids: Int32s
-    positions: Int32s
-    # [t, h, w] patch grid of each image, in prompt order (engines such as SGLang need it)
-    image_grid_thw: Annotated[
-        list[Annotated[list[Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]],
-                       msgspec.Meta(min_length=3, max_length=3)]],
-        msgspec.Meta(max_length=MAX_IMAGES),
-    ] = []  # fmt: skip
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(len(self.input_ids) % 4 == 0, "input_ids is not a whole number of int32")
-        seq = len(self.input_ids) // 4
-        _check(seq >= 1, "empty prompt")
-        _check(seq <= MAX_SEQ_TOKENS, f"prompt longer than {MAX_SEQ_TOKENS} tokens")
-        _check(len(self.positions) == 12 * seq, "positions must be [3][len(input_ids)] int32")
-        _check(self.n_tokens <= seq, "more visual tokens than prompt tokens")
-        _check(int(self.token_ids().min()) >= 0, "negative token id")
-        _check(int(self.position_ids().min()) >= 0, "negative position")
-
-    @property
-    def seq_len(self) -> int:
-        return len(self.input_ids) // 4
-
-    def token_ids(self) -> np.ndarray:
-        """``[seq]`` int32, read-only (a view of the message)."""
-        return np.frombuffer(self.input_ids, dtype=_I32)
-
-    def position_ids(self) -> np.ndarray:
-        """``[3, seq]`` int32, read-only (a view of the message)."""
-        return np.frombuffer(self.positions, dtype=_I32).reshape(3, -1)
-
-
 class EncodeTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Where the encoder spent a request's time (seconds), for TTFT breakdowns."""
+    """Where the encoder spent one job's time (seconds), for TTFT breakdowns."""
 
-    queue_s: Seconds = 0.0  # EncodeRequest received -> preprocessing starts
-    preprocess_s: Seconds = 0.0
-    vision_s: Seconds = 0.0  # the ViT forward of the batch this request was in
-    grant_wait_s: Seconds = 0.0  # ViT done -> grant in hand (0 when the grant came first)
+    queue_s: Seconds = 0.0  # EncodeJob received -> preprocessing starts
+    preprocess_s: Seconds = 0.0  # image decode, resize, patches
+    vision_s: Seconds = 0.0  # the ViT forward of the batch this job was in
     transfer_s: Seconds = 0.0  # submit -> transport reports DONE
 
 
 class TransferDone(Message, frozen=True, kw_only=True, tag="done"):
-    """All ``n_tokens`` rows of ``rid`` are in the granted blocks of ``generation``."""
+    """All ``n_tokens`` rows of image ``image`` of ``rid`` are in the blocks of ``generation``;
+    the write has ended."""
 
     rid: Rid
+    image: ImageIndex = 0
     generation: U64
     n_tokens: Tokens
     checksum: U64
@@ -221,39 +165,43 @@ class TransferDone(Message, frozen=True, kw_only=True, tag="done"):
 
 
 class EncodeFailed(Message, frozen=True, kw_only=True, tag="failed"):
-    """The encoder could not finish ``rid`` (bad input, ViT error, transfer error)."""
+    """The encoder could not finish a job (bad input, ViT error, transfer error, abort).
+
+    ``write_stopped`` is the writer's promise that nothing it started will land in the job's
+    blocks any more (true for every stage before the write). A failed write the transport may
+    still be performing is reported with ``write_stopped=False`` first, then again with
+    ``write_stopped=True`` once the transport says it ended.
+    """
 
     rid: Rid
+    image: Annotated[int, msgspec.Meta(ge=-1, lt=MAX_IMAGES)] = 0
     generation: U64 = 0
-    stage: Literal["preprocess", "vision", "alloc", "transfer", "aborted", "overloaded"] = (
+    stage: Literal["job", "preprocess", "vision", "transfer", "aborted", "overloaded"] = (
         "preprocess"
     )
     reason: Reason = ""
+    write_stopped: bool = True
 
 
 class EncoderHello(Message, frozen=True, kw_only=True, tag="hello"):
-    """An encoder (re)joined: its id, transport backend and data-plane session."""
+    """An encoder (re)joined: its id, transport backend, data-plane session and incarnation
+    (a random number per process start: a new one means every older job is gone)."""
 
     encoder_id: Name
     transport: Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
     session: Name
+    incarnation: U64 = 0
 
 
 class Heartbeat(Message, frozen=True, kw_only=True, tag="heartbeat"):
+    """Liveness, both ways. From an encoder: its incarnation and ``inflight`` jobs (its load,
+    across every language server it serves)."""
+
     encoder_id: Name
     inflight: U32 = 0
     sent_at: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+    incarnation: U64 = 0
 
 
-ANY_MESSAGE = (
-    EncodeRequest
-    | Abort
-    | AllocGrant
-    | AllocDenied
-    | AllocRequest
-    | TransferDone
-    | EncodeFailed
-    | EncoderHello
-    | Heartbeat
-)
+ANY_MESSAGE = EncodeJob | Abort | TransferDone | EncodeFailed | EncoderHello | Heartbeat
 ALL_MESSAGES: tuple[type[Message], ...] = ANY_MESSAGE.__args__  # type: ignore[attr-defined]

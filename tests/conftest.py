@@ -40,6 +40,22 @@ def encoder(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def builder(tiny_model_dir):
+    """The language side's PromptBuilder (chat template, tokens, grids, M-RoPE) on the tiny model."""
+    from language_server.prompt import PromptBuilder
+
+    return PromptBuilder.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def pipeline(builder, encoder):
+    """The disaggregated pipeline in one process: ``pipeline.encode(messages)`` and friends."""
+    from epd.local import SplitPipeline
+
+    return SplitPipeline(builder, encoder)
+
+
+@pytest.fixture(scope="session")
 def language_model(tiny_model_dir):
     from language_server.model import Qwen3MoeForCausalLMWithDeepStack
 
@@ -57,3 +73,16 @@ def make_image():
         return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def encode_image():
+    """``encode_image(image, format="PNG", **save_kwargs)``: the image's encoded bytes."""
+    import io
+
+    def encode(image, format: str = "PNG", **save_kwargs) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format=format, **save_kwargs)
+        return buf.getvalue()
+
+    return encode

@@ -42,6 +42,17 @@ class BlockAllocator:
             del self._free[:n]
         return blocks
 
+    def alloc_run(self, n: int) -> list[int] | None:
+        """``n`` consecutive free block ids (first fit), or None when no such run is free."""
+        if n < 1:
+            raise ValueError(f"cannot allocate a run of {n} blocks")
+        start = self._first_run(n) if n <= len(self._free) else None
+        if start is None:
+            return None
+        blocks = self._free[start : start + n]
+        del self._free[start : start + n]
+        return blocks
+
     def free(self, blocks: list[int]) -> None:
         """Return blocks to the pool. Raises ``DoubleFreeError`` (and frees none) on a bad id."""
         if len(set(blocks)) != len(blocks):

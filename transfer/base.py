@@ -1,14 +1,31 @@
-"""The transport contract: who writes what where, and how completion is observed.
+"""The transport contract: who writes what where, how completion is observed, and when a
+receiver may reuse memory that a sender was told to write into.
 
 The language side owns a ``TransferReceiver``: it provides the memory that
 ``MultimodalDataBuffers`` lives in, registered once for remote writes, and the ``session``
 string that peers use to reach it. The receiver never copies: peers write into its blocks.
 
-The encode side owns a ``TransferSender``: ``submit`` starts writing one request's rows into
-the blocks a grant names and returns at once; ``poll`` reports progress without blocking;
-``release`` frees whatever the sender holds for that request. A request ends in exactly one
-terminal state (DONE or FAILED) and must then be released (also after FAILED, and after an
-abort while TRANSFERRING).
+The encode side owns a ``TransferSender``: ``submit`` starts writing one job's rows into the
+blocks the job names and returns at once; ``poll`` reports progress without blocking;
+``writing`` says whether the transport may still touch the destination; ``release`` frees
+whatever the sender holds for that job. A job ends in exactly one terminal state (DONE or
+FAILED) and must then be released (also after FAILED, and after an abort while TRANSFERRING).
+
+Block lifetime (the rule both servers follow; DESIGN.md "nothing overwritten"):
+
+1. Blocks are *lent* to one writer (an encoder process, named by its incarnation) for one job
+   and one ``generation``.
+2. They return to the pool only when
+   a. the writer reported DONE, the rows were verified, and every copy out of them has
+      completed (on a GPU: the copy's CUDA event, not its launch); or
+   b. the writer reported that its write has stopped: FAILED *and* ``writing()`` false on the
+      sender (a transport timeout is not a stop: the write may still land); or
+   c. the writer can no longer write: its process incarnation changed, or it was declared dead
+      and the transport's own timeout (``TRANSPORT_TIMEOUT_S`` for Mooncake) has passed since.
+3. A timer alone never frees a block. Failing or aborting a request does not free its lent
+   blocks; it only stops waiting for them.
+4. A sender never reads its sources before the kernels that produced them have completed (the
+   encoder waits on the split's CUDA event before ``submit``).
 """
 
 from __future__ import annotations
@@ -159,7 +176,7 @@ class TransferReceiver(ABC):
     @property
     @abstractmethod
     def session(self) -> str:
-        """What a sender needs to reach this receiver (goes into ``AllocGrant.session``)."""
+        """What a sender needs to reach this receiver (goes into ``EncodeJob.session``)."""
 
     @abstractmethod
     def close(self) -> None:
@@ -184,6 +201,21 @@ class TransferSender(ABC):
     @abstractmethod
     def poll(self, rid: str) -> TransferState:
         """Non-blocking progress check; WAITING for an unknown rid. May be called repeatedly."""
+
+    def register_arena(self, arena: torch.Tensor) -> None:  # noqa: B027 - optional
+        """Register ``arena`` once, at start-up; sources inside it then cost nothing per write
+        (RDMA reads only registered memory). The sender keeps a reference until ``close``.
+        A no-op for transports that read any address (``shm``)."""
+
+    def writing(self, rid: str) -> bool:
+        """True while the transport may still write into ``rid``'s destination (it was
+        submitted, not released, and the transport has not said the write ended).
+        Non-blocking. A write that FAILED with a timeout is still ``writing``.
+
+        The default trusts ``poll``; backends whose failures can leave a write running
+        override it.
+        """
+        return self.poll(rid) is TransferState.TRANSFERRING
 
     @abstractmethod
     def release(self, rid: str) -> None:

@@ -36,7 +36,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True, slots=True)
 class BlockAddresses:
-    """Remote addresses of granted blocks, in grant order (what goes into an ``AllocGrant``)."""
+    """Remote addresses of granted blocks, in lending order (what goes into an ``EncodeJob``)."""
 
     session: str
     block_tokens: int

@@ -27,6 +27,11 @@ from transfer.base import (
 
 log = logging.getLogger(__name__)
 
+# Mooncake's own transfer timeout (MC_TRANSFER_TIMEOUT, seconds; 30 by default): past it a
+# write from a dead peer can no longer land. Receivers wait this long after declaring a writer
+# dead before its lent blocks return to the pool (transfer/base.py, rule 2c).
+WRITE_TIMEOUT_S = float(os.environ.get("MC_TRANSFER_TIMEOUT", "30")) + 1.0
+
 _INSTALL_HINT = (
     "install `mooncake-transfer-engine-non-cuda` (CPU nodes) or `mooncake-transfer-engine` "
     "(CUDA nodes), never both; on Debian also `apt-get install libibverbs1 libnl-3-200 "
@@ -184,6 +189,15 @@ class Sender(TransferSender):
                 if status == -2:  # timed out, not freed: it may still read the sources
                     still.append(batch)
         entry.pending = still
+
+    def writing(self, rid: str) -> bool:
+        """True until Mooncake has ended every write of ``rid``; a timed-out write (-2) is
+        not freed by Mooncake and may still land, so it keeps ``rid`` writing."""
+        entry = self._inflight.get(rid)
+        if entry is None:
+            return False
+        self._check(entry)
+        return bool(entry.pending)
 
     def wait(self, rid: str, timeout_s: float = 60.0) -> TransferState:
         """Poll until ``rid`` ends, yielding the CPU between checks (Mooncake's own threads

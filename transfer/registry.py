@@ -29,6 +29,12 @@ def make_sender(name: str, **options: Any) -> TransferSender:
     return _module(name).Sender(**options)
 
 
+def write_timeout_s(name: str) -> float:
+    """How long after its writer was declared dead a write of backend ``name`` may still land
+    (the transport's own timeout); lent blocks wait this long (transfer/base.py, rule 2c)."""
+    return float(_module(name).WRITE_TIMEOUT_S)
+
+
 def advertised_host(bind_host: str, advertise_host: str = "") -> str:
     """The address peers reach this host at: ``advertise_host``, else the bind address (the
     hostname when bound to every interface)."""

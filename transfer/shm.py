@@ -31,6 +31,8 @@ from transfer.base import (
 
 _PREFIX = "shm://"
 _NAME = re.compile(r"^epd-[A-Za-z0-9_-]{1,64}$")
+# The copy runs in the writer's own process: once that process is gone nothing more lands.
+WRITE_TIMEOUT_S = 0.0
 INLINE_BYTES = 4 << 20  # smaller requests are copied in submit(); larger ones on a thread
 
 

@@ -48,7 +48,11 @@ def _body(content, **extra):
             "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True, **extra}  # fmt: skip
 
 
-def _monolithic_tokens(monolithic, processor, content):
+def _monolithic_tokens(monolithic, content):
+    """transformers' greedy tokens, with the processor of the checkpoint ``monolithic`` came from."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(monolithic.name_or_path)
     inputs = processor.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=True, add_generation_prompt=True,
         return_dict=True, return_tensors="pt",
@@ -67,7 +71,7 @@ def test_served_greedy_tokens_equal_monolithic(
     ours, theirs = _content(PROMPTS[name], make_image, as_path=tmp_path)
     status, reply = cluster.chat(_body(ours))
     assert status == 200, reply
-    expected = _monolithic_tokens(monolithic, encoder.preprocessor.processor, theirs)
+    expected = _monolithic_tokens(monolithic, theirs)
     assert reply["epd"]["token_ids"] == expected
     assert reply["usage"]["completion_tokens"] == N_TOKENS
     assert reply["choices"][0]["finish_reason"] == "length"
@@ -178,7 +182,7 @@ def test_shm_transport_end_to_end(tiny_model_dir, monolithic, encoder, make_imag
         status, reply = c.chat(_body(ours))
         assert status == 200, reply
         assert c.health()["pool"]["free_blocks"] == c.health()["pool"]["total_blocks"]
-    expected = _monolithic_tokens(monolithic, encoder.preprocessor.processor, theirs)
+    expected = _monolithic_tokens(monolithic, theirs)
     assert reply["epd"]["token_ids"] == expected
 
 
@@ -195,3 +199,41 @@ def test_stop_strings_cut_the_answer(cluster):
     assert status == 200
     assert cut["choices"][0]["message"]["content"] == text[: text.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
+
+
+def test_three_images_are_spread_over_both_encoders_and_equal_monolithic(
+    cluster, monolithic, make_image
+):
+    """One request, three images: each is its own encode job, and the jobs go to both encoders
+    at once (the language side prepared the prompt; the encoders only saw image bytes)."""
+    spec = [(96, 64, 31), (64, 128, 32), (160, 96, 33)]
+    ours, theirs = _content(spec, make_image)
+    before = {e["id"]: e["served"] for e in cluster.health()["encoders"]}
+    status, reply = cluster.chat(_body(ours))
+    assert status == 200, reply
+    assert reply["epd"]["token_ids"] == _monolithic_tokens(monolithic, theirs)
+    health = cluster.health()
+    served = {e["id"]: e["served"] - before[e["id"]] for e in health["encoders"]}
+    assert sum(served.values()) == 3 and all(n >= 1 for n in served.values()), served
+    assert health["pool"]["free_blocks"] == health["pool"]["total_blocks"]
+
+
+def test_text_only_and_image_prompts_share_one_template(cluster, make_image):
+    """The tokens around an image equal the text-only prompt's, and add_generation_prompt is
+    honoured on both (prompt_tokens differ by exactly the image's tokens plus its markers)."""
+    text = [{"type": "text", "text": "What is in the picture?"}]
+    ours, _ = _content([(64, 64, 5)], make_image)  # 4 visual tokens
+    counts = {}
+    for name, content in (("text", text), ("image", ours)):
+        for gen in (True, False):
+            body = _body(content, max_tokens=1, add_generation_prompt=gen)
+            status, reply = cluster.chat(body)
+            assert status == 200, reply
+            counts[name, gen] = reply["usage"]["prompt_tokens"]
+    # "<|vision_start|>" + 4 pads + "<|vision_end|>" + "0." (the tiny tokenizer is byte-level)
+    assert counts["image", True] - counts["text", True] == 1 + 4 + 1 + 2
+    assert (
+        counts["text", True] - counts["text", False]
+        == counts["image", True] - counts["image", False]
+        > 0
+    )

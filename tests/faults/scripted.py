@@ -1,6 +1,6 @@
 """A scripted encode server for fault tests: a real ZeroMQ ROUTER and a real Mooncake sender,
 driven step by step by the test instead of by a ViT. It lets a test misbehave on purpose:
-stay silent, send stale or forged messages, or garbage."""
+stay silent, write late, send stale or forged messages, or garbage."""
 
 from __future__ import annotations
 
@@ -65,33 +65,28 @@ class ScriptedEncoder:
             time.sleep(0.01)
         raise TimeoutError(f"no {kind.__name__} for {rid} within {timeout} s")
 
-    def alloc_request(self, rid: str, n_vis: int = 8) -> P.AllocRequest:
-        """A valid AllocRequest: one 2x(2*n_vis/2) image grid, text around it."""
-        ids = [1, 2] + [self.image_token_id] * n_vis + [3]
-        pos = list(range(len(ids)))
-        return P.AllocRequest(
-            rid=rid, encoder_id="scripted", n_tokens=n_vis, hidden=self.hidden, dtype="float32",
-            input_ids=P.int32s(ids), positions=P.int32s([pos, pos, pos]),
-            image_grid_thw=[[1, 2, 2 * n_vis]],
-        )  # fmt: skip
-
-    def write(self, grant: P.AllocGrant, seed: int = 0) -> int:
-        """Write random rows into the granted blocks with Mooncake; returns their checksum."""
+    def write(self, job: P.EncodeJob, seed: int = 0) -> int:
+        """Write random rows into the job's blocks with Mooncake; returns their checksum."""
         g = torch.Generator().manual_seed(seed)
-        e = torch.randn(grant.n_tokens, self.hidden, generator=g)
-        d = torch.randn(grant.n_tokens, 3 * self.hidden, generator=g)
-        dest = Destination(grant.session, grant.block_tokens, tuple(grant.embed_addrs),
-                           tuple(grant.deepstack_addrs))  # fmt: skip
-        key = f"{grant.rid}/{grant.generation}"
+        e = torch.randn(job.n_tokens, self.hidden, generator=g)
+        d = torch.randn(job.n_tokens, 3 * self.hidden, generator=g)
+        dest = Destination(job.session, job.block_tokens, tuple(job.embed_addrs),
+                           tuple(job.deepstack_addrs))  # fmt: skip
+        key = f"{job.rid}/{job.image}/{job.generation}/{seed}"
         self.sender.submit(key, dest, e, d)
         assert self.sender.wait(key) is TransferState.DONE
         self.sender.release(key)
-        return rows_checksum(e, d, grant.block_tokens)
+        return rows_checksum(e, d, job.block_tokens)
 
-    def done(self, grant: P.AllocGrant, checksum: int, **override) -> P.TransferDone:
-        fields = {"rid": grant.rid, "generation": grant.generation, "n_tokens": grant.n_tokens,
-                  "checksum": checksum, **override}  # fmt: skip
+    def done(self, job: P.EncodeJob, checksum: int, **override) -> P.TransferDone:
+        fields = {"rid": job.rid, "image": job.image, "generation": job.generation,
+                  "n_tokens": job.n_tokens, "checksum": checksum, **override}  # fmt: skip
         return P.TransferDone(**fields)
+
+    def failed(self, job: P.EncodeJob, stage: str = "aborted", **override) -> P.EncodeFailed:
+        fields = {"rid": job.rid, "image": job.image, "generation": job.generation,
+                  "stage": stage, "reason": "scripted", **override}  # fmt: skip
+        return P.EncodeFailed(**fields)
 
     def close(self) -> None:
         self._stop.set()

@@ -12,7 +12,7 @@ from epd.cluster import LocalCluster
 from tests.faults.conftest import image_body
 
 pytestmark = pytest.mark.slow
-FAST = ["--heartbeat", "0.2", "--encoder-dead-after", "1", "--quarantine", "0.5"]
+FAST = ["--heartbeat", "0.2", "--encoder-dead-after", "1", "--dead-writer-wait", "0.5"]
 
 
 def _all_free(cluster, timeout=5.0) -> dict:
@@ -69,7 +69,7 @@ def _rss_kib(pid: int) -> int:
 
 
 def test_language_killed_and_restarted_encoder_drops_its_work(tiny_model_dir, make_image, tmp_path):
-    enc_args = ["--peer-timeout", "1", "--grant-timeout", "2"]
+    enc_args = ["--peer-timeout", "1"]
     with LocalCluster(tiny_model_dir, n_encoders=1, log_dir=tmp_path, encoder_args=enc_args,
                       language_args=FAST) as c:  # fmt: skip
         encoder = c.procs["encoder-0"]
@@ -118,3 +118,30 @@ def test_overload_queues_then_503_and_too_large_gets_413(tiny_model_dir, make_im
         assert _all_free(c)["free_blocks"] == 4
         status, _ = c.chat(body)
         assert status == 200
+
+
+def test_encoder_restarted_within_the_liveness_window_loses_no_request(
+    tiny_model_dir, make_image, tmp_path
+):
+    """Killed with jobs in hand and back before anyone declared it dead: the new process's
+    incarnation tells the language side at once that the old jobs are gone; they are sent again
+    (to the restarted encoder, the only one) and every request succeeds."""
+    args = ["--heartbeat", "0.2", "--encoder-dead-after", "120"]
+    with LocalCluster(tiny_model_dir, n_encoders=1, log_dir=tmp_path, language_args=args) as c:
+        incarnation = c.health()["encoders"][0]["incarnation"]
+        c.procs["encoder-0"].send_signal(signal.SIGSTOP)  # takes the jobs, never answers
+        with cf.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(c.chat, image_body(make_image, seed=i)) for i in range(3)]
+            deadline = time.monotonic() + 10
+            while c.health()["pool"]["pending_requests"] < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert c.health()["encoders"][0]["inflight"] == 3
+            c.kill("encoder-0", signal.SIGKILL)
+            c.start_encoder(0)
+            results = [f.result(120) for f in futures]
+        assert [s for s, _ in results] == [200] * 3, results
+        health = c.health()
+        encoder = health["encoders"][0]
+        assert encoder["state"] == "up" and encoder["incarnation"] != incarnation
+        assert health["requests"]["redispatched"] >= 1
+        assert _all_free(c)["free_blocks"] == health["pool"]["total_blocks"]

@@ -1,4 +1,6 @@
-"""Timeouts and stale messages, driven by a scripted encoder over real sockets and Mooncake."""
+"""Timeouts, late writes and stale messages, driven by a scripted encoder over real sockets and
+Mooncake. The rule under test (transfer/base.py): blocks come back only when their writer is
+done with them, never on a timer while it may still write."""
 
 from __future__ import annotations
 
@@ -7,94 +9,111 @@ import time
 import pytest
 
 import protocol as P
+from tests.faults.conftest import image_body
 
 pytestmark = pytest.mark.slow
+# a 64x64 image is 4 visual tokens: two blocks of 2
+SMALL = ["--block-tokens", "2", "--dead-writer-wait", "0.5"]
 
 
-def _rid_of(enc) -> str:
-    return enc.wait_for(P.EncodeRequest).rid
+def _until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
 
 
-def test_silent_encoder_gives_504_aborts_and_frees_blocks(scripted, language_for, make_image):
-    from tests.faults.conftest import image_body
-
-    lang = language_for([scripted.address], "--request-timeout", "1", "--quarantine", "0.5",
-                        "--block-tokens", "4", "--num-blocks", "8")  # fmt: skip
-    lang.wait_up()
-    reply = lang.chat_async(image_body(make_image))
-    rid = _rid_of(scripted)
-    scripted.send(scripted.alloc_request(rid, n_vis=8))
-    grant = scripted.wait_for(P.AllocGrant, rid)
-    assert len(grant.blocks) == 2
-    status, body = reply.result(10)  # the encoder never says done
-    assert status == 504 and "no answer from the encoders" in body["error"]["message"]
-    assert scripted.wait_for(P.Abort, rid).rid == rid
-    pool = lang.health()["pool"]
-    assert pool["quarantined_blocks"] == 2  # the encoder might still be writing
-    time.sleep(0.8)
-    pool = lang.health()["pool"]
-    assert pool["free_blocks"] == pool["total_blocks"] and pool["pending_requests"] == 0
-
-
-def test_stale_done_never_counts_for_a_request_that_reuses_the_blocks(
+def test_silent_encoder_gives_504_and_blocks_stay_lent_until_it_stops(
     scripted, language_for, make_image
 ):
-    from tests.faults.conftest import image_body
-
-    lang = language_for([scripted.address], "--request-timeout", "1", "--quarantine", "0",
-                        "--block-tokens", "4", "--num-blocks", "2")  # fmt: skip
+    lang = language_for([scripted.address], "--request-timeout", "1", *SMALL, "--num-blocks", "8")
     lang.wait_up()
-    # Request A gets both blocks, then times out before its encoder reports.
-    a = lang.chat_async(image_body(make_image, seed=1))
-    rid_a = _rid_of(scripted)
-    scripted.send(scripted.alloc_request(rid_a))
-    grant_a = scripted.wait_for(P.AllocGrant, rid_a)
-    checksum_a = scripted.write(grant_a, seed=1)
-    assert a.result(10)[0] == 504
-    # Request B is granted the very same blocks (no quarantine here).
-    b = lang.chat_async(image_body(make_image, seed=2, max_tokens=3))
-    rid_b = _rid_of(scripted)
-    scripted.send(scripted.alloc_request(rid_b))
-    grant_b = scripted.wait_for(P.AllocGrant, rid_b)
-    assert sorted(grant_b.blocks) == sorted(grant_a.blocks)
-    assert grant_b.generation != grant_a.generation
-    dropped = lang.health()["requests"]["dropped_messages"]
-    # A's late done, and a done for B carrying A's generation and A's data: both ignored.
-    scripted.send(scripted.done(grant_a, checksum_a))
-    scripted.send(scripted.done(grant_b, checksum_a, generation=grant_a.generation))
+    reply = lang.chat_async(image_body(make_image))
+    job = scripted.wait_for(P.EncodeJob)
+    assert len(job.blocks) == 2 and job.n_tokens == 4 and list(job.grid) == [1, 4, 4]
+    status, body = reply.result(10)  # the encoder never says done
+    assert status == 504 and "no answer from the encoders" in body["error"]["message"]
+    abort = scripted.wait_for(P.Abort, job.rid)
+    assert abort.image == job.image
+    # No timer frees them: the encoder is alive and may still be writing.
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        pool = lang.health()["pool"]
+        assert pool["quarantined_blocks"] == 2 and pool["free_blocks"] == 6
+        time.sleep(0.1)
+    # A failure report that says the write may still run keeps them lent, too.
+    scripted.send(scripted.failed(job, "transfer", write_stopped=False))
     time.sleep(0.3)
+    assert lang.health()["pool"]["free_blocks"] == 6
+    scripted.send(scripted.failed(job, "aborted"))  # the write has stopped
+    assert _until(lambda: lang.health()["pool"]["free_blocks"] == 8)
+    assert lang.health()["pool"]["pending_requests"] == 0
+
+
+def test_late_write_after_abort_lands_in_nobodys_rows(scripted, language_for, make_image):
+    lang = language_for([scripted.address], "--request-timeout", "1", *SMALL, "--num-blocks", "4")
+    lang.wait_up()
+    # Request A gets two blocks, then times out before its encoder writes anything.
+    a = lang.chat_async(image_body(make_image, seed=1))
+    job_a = scripted.wait_for(P.EncodeJob)
+    assert a.result(10)[0] == 504
+    # Request B gets the other two: A's are still lent to A's writer.
+    b = lang.chat_async(image_body(make_image, seed=2, max_tokens=3))
+    job_b = scripted.wait_for(P.EncodeJob)
+    assert not set(job_b.blocks) & set(job_a.blocks)
+    assert job_b.generation != job_a.generation
+    checksum_b = scripted.write(job_b, seed=2)
+    # A's write lands late, after B's rows are in: it touches only A's blocks.
+    checksum_a = scripted.write(job_a, seed=1)
+    dropped = lang.health()["requests"]["dropped_messages"]
+    # A done for B carrying A's generation (and A's checksum) is dropped: B waits.
+    scripted.send(scripted.done(job_b, checksum_a, generation=job_a.generation))
+    assert _until(lambda: lang.health()["requests"]["dropped_messages"] == dropped + 1)
     assert not b.done(), "B must not run on A's rows"
-    assert lang.health()["requests"]["dropped_messages"] == dropped + 2
-    # B's own rows and done: served.
-    scripted.send(scripted.done(grant_b, scripted.write(grant_b, seed=2)))
+    scripted.send(scripted.done(job_b, checksum_b))
     status, body = b.result(10)
     assert status == 200 and body["usage"]["completion_tokens"] == 3
-    pool = lang.health()["pool"]
-    assert pool["free_blocks"] == pool["total_blocks"]
+    # A's late done says its write ended: A's blocks come back.
+    scripted.send(scripted.done(job_a, checksum_a))
+    assert _until(lambda: lang.health()["pool"]["free_blocks"] == 4)
 
 
 def test_checksum_mismatch_and_forged_sizes_fail_cleanly(scripted, language_for, make_image):
-    from tests.faults.conftest import image_body
-
-    lang = language_for([scripted.address], "--block-tokens", "4", "--quarantine", "0")
+    lang = language_for([scripted.address], *SMALL)
     lang.wait_up()
     first = lang.chat_async(image_body(make_image))
-    rid = _rid_of(scripted)
-    scripted.send(scripted.alloc_request(rid))
-    grant = scripted.wait_for(P.AllocGrant, rid)
-    scripted.write(grant, seed=3)
-    scripted.send(scripted.done(grant, checksum=12345))
+    job = scripted.wait_for(P.EncodeJob)
+    scripted.write(job, seed=3)
+    scripted.send(scripted.done(job, checksum=12345))
     status, body = first.result(10)
     assert status == 502 and "checksum" in body["error"]["message"]
-    # An AllocRequest whose grid disagrees with its image pads is refused.
     second = lang.chat_async(image_body(make_image))
-    rid = _rid_of(scripted)
-    bad = scripted.alloc_request(rid)
-    forged = P.AllocRequest(**{f: getattr(bad, f) for f in bad.__struct_fields__ if f != "image_grid_thw"},
-                            image_grid_thw=[[1, 4, 4]])  # fmt: skip
-    scripted.send(forged)
-    assert scripted.wait_for(P.AllocDenied, rid).code == "bad_request"
+    job = scripted.wait_for(P.EncodeJob)
+    scripted.send(scripted.done(job, checksum=scripted.write(job), n_tokens=3))
     status, body = second.result(10)
-    assert status == 502 and "grids hold" in body["error"]["message"]
+    assert status == 502 and "3 rows" in body["error"]["message"]
+    third = lang.chat_async(image_body(make_image))
+    job = scripted.wait_for(P.EncodeJob)
+    scripted.send(scripted.failed(job, "preprocess", reason="grid [1, 2, 2] differs"))
+    status, body = third.result(10)
+    assert status == 400 and "grid" in body["error"]["message"]
     pool = lang.health()["pool"]
     assert pool["free_blocks"] == pool["total_blocks"]
+
+
+def test_a_dead_writers_blocks_come_back_after_the_transport_timeout(
+    scripted, language_for, make_image
+):
+    lang = language_for([scripted.address], *SMALL, "--heartbeat", "0.2",
+                        "--encoder-dead-after", "0.6")  # fmt: skip
+    lang.wait_up()
+    reply = lang.chat_async(image_body(make_image))
+    scripted.wait_for(P.EncodeJob)
+    scripted.close()  # the encoder dies with the job
+    status, body = reply.result(10)
+    assert status == 503 and "went silent" in body["error"]["message"]
+    assert _until(
+        lambda: lang.health()["pool"]["free_blocks"] == lang.health()["pool"]["total_blocks"]
+    )

@@ -93,7 +93,7 @@ def hosts(tiny_model_dir, tmp_path):
                                "--port", str(HTTP), "--encoder", f"tcp://{ENC_IP}:{PORT}",
                                "--advertise-host", LANG_IP, "--heartbeat", "0.3",
                                "--encoder-dead-after", "2", "--request-timeout", "12",
-                               "--quarantine", "1", "--block-tokens", "16",
+                               "--dead-writer-wait", "1", "--block-tokens", "16",
                                stdout=log, stderr=subprocess.STDOUT, env=env))  # fmt: skip
         deadline = time.monotonic() + 90
         while True:

@@ -10,7 +10,7 @@ from language_server.model import Qwen3MoeModel, Qwen3MoeModelWithDeepStack
 
 
 @pytest.fixture(scope="module")
-def encoded(encoder, make_image):
+def encoded(pipeline, make_image):
     image = make_image(96, 128, seed=11)
     messages = [
         {
@@ -22,7 +22,7 @@ def encoded(encoder, make_image):
             ],
         }
     ]
-    return encoder.encode(messages)
+    return pipeline.encode(messages)
 
 
 def _logits(model, encoded, deepstack):

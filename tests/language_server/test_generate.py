@@ -16,7 +16,7 @@ from language_server.generate import (
 
 
 @pytest.fixture(scope="module")
-def image_prompt(encoder, make_image):
+def image_prompt(pipeline, make_image):
     messages = [
         {
             "role": "user",
@@ -26,7 +26,7 @@ def image_prompt(encoder, make_image):
             ],
         }
     ]
-    return encoder.encode(messages)
+    return pipeline.encode(messages)
 
 
 def _run(model, encoded, params, **extra):

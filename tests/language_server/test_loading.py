@@ -15,8 +15,8 @@ from language_server.weights import to_internal
 
 
 @pytest.fixture(scope="module")
-def text_prompt(encoder):
-    return encoder.encode([{"role": "user", "content": "Hello there, tiny model."}])
+def text_prompt(pipeline):
+    return pipeline.encode([{"role": "user", "content": "Hello there, tiny model."}])
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def _data_url(image) -> str:
 
 
 def _messages(spec, make_image):
-    """(messages for the encoder, the same messages with PIL images for transformers)."""
+    """(messages for our split pipeline, the same messages with PIL images for transformers)."""
     ours, theirs = [], []
     for k, (h, w, seed, as_url) in enumerate(spec):
         image = make_image(h, w, seed)
@@ -53,11 +53,11 @@ def _messages(spec, make_image):
 
 
 @pytest.fixture(scope="module")
-def cases(encoder, monolithic, make_image):
+def cases(pipeline, monolithic, make_image):
     """name -> (EncodedPrompt from ONE batched ViT forward, monolithic inputs)."""
     pairs = {name: _messages(spec, make_image) for name, spec in PROMPTS.items()}
-    encoded = encoder.encode_batch([ours for ours, _ in pairs.values()])
-    processor = encoder.preprocessor.processor
+    encoded = pipeline.encode_batch([ours for ours, _ in pairs.values()])
+    processor = pipeline.processor
     out = {}
     for (name, (_, theirs)), enc in zip(pairs.items(), encoded, strict=True):
         inputs = processor.apply_chat_template(

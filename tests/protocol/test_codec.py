@@ -8,46 +8,30 @@ from protocol.messages import MAX_IMAGES
 
 
 def samples() -> list[P.Message]:
-    turns = [
-        P.ChatTurn(role="system", parts=[P.ContentPart(kind="text", text="be brief")]),
-        P.ChatTurn(
-            role="user",
-            parts=[
-                P.ContentPart(kind="image", image=0),
-                P.ContentPart(kind="text", text="what is this? ünïcode"),
-                P.ContentPart(kind="image", image=1),
-            ],
-        ),
-    ]
     return [
-        P.EncodeRequest(rid="r-1", turns=turns, images=[b"\x89PNG...", b"\xff\xd8jpeg"]),
-        P.Abort(rid="r-1", reason="client went away"),
-        P.AllocRequest(
+        P.EncodeJob(
             rid="r-1",
-            encoder_id="enc-0",
-            n_tokens=2,
-            hidden=64,
-            dtype="bfloat16",
-            input_ids=P.int32s([1, 5, 5, 7]),
-            positions=P.int32s([[0, 1, 1, 3], [0, 1, 2, 3], [0, 1, 1, 3]]),
-        ),
-        P.AllocGrant(
-            rid="r-1",
-            generation=(1 << 62) + 3,
-            session="10.0.0.2:15123",
-            block_tokens=16,
+            image=1,
+            data=b"\x89PNG...",
+            grid=[1, 14, 14],
             n_tokens=40,
             hidden=2048,
             dtype="bfloat16",
+            generation=(1 << 62) + 3,
+            session="10.0.0.2:15123",
+            block_tokens=16,
             blocks=[7, 3, 11],
             embed_addrs=[140_000_000_000_000, 140_000_000_100_000, 140_000_000_200_000],
             deepstack_addrs=[150_000_000_000_000, 150_000_000_300_000, 150_000_000_600_000],
         ),
-        P.AllocDenied(rid="r-1", code="pool_full", reason="pool is full", retry_after_s=0.5),
-        P.TransferDone(rid="r-1", generation=9, n_tokens=40, checksum=0x5EADBEEF12345678),
-        P.EncodeFailed(rid="r-1", generation=9, stage="vision", reason="CUDA OOM"),
-        P.EncoderHello(encoder_id="enc-0", transport="mooncake", session="10.0.0.3:15555"),
-        P.Heartbeat(encoder_id="enc-0", inflight=3, sent_at=1234.5),
+        P.Abort(rid="r-1", image=1, reason="client went away"),
+        P.TransferDone(rid="r-1", image=1, generation=9, n_tokens=40, checksum=0x5EADBEEF12345678),
+        P.EncodeFailed(rid="r-1", generation=9, stage="vision", reason="CUDA OOM ünïcode"),
+        P.EncodeFailed(rid="r-1", image=2, generation=9, stage="transfer", write_stopped=False),
+        P.EncoderHello(
+            encoder_id="enc-0", transport="mooncake", session="10.0.0.3:15555", incarnation=12345
+        ),
+        P.Heartbeat(encoder_id="enc-0", inflight=3, sent_at=1234.5, incarnation=12345),
     ]
 
 
@@ -80,8 +64,9 @@ def _tamper(msg: P.Message, **changes) -> bytes:
 @pytest.mark.parametrize(
     "changes, reason",
     [
-        ({"version": 1}, "unsupported protocol version 1"),  # the list-encoded prompts
+        ({"version": 2}, "unsupported protocol version 2"),  # the AllocRequest/AllocGrant flow
         ({"type": "nope"}, "Invalid value 'nope'"),
+        ({"type": "grant"}, "Invalid value 'grant'"),  # v2's messages are gone
         ({"extra": 1}, "unknown field"),
         ({"n_tokens": 49}, "need 4"),
         ({"blocks": [7, 7, 11]}, "duplicate block ids"),
@@ -90,62 +75,41 @@ def _tamper(msg: P.Message, **changes) -> bytes:
         ({"generation": -1}, ">= 0"),
         ({"rid": "../../etc/passwd"}, "rid"),
         ({"dtype": "int8"}, "dtype"),
+        ({"image": MAX_IMAGES}, "image"),
+        ({"grid": [1, 2]}, "grid"),
+        ({"grid": [1, 2, 2]}, "fewer patches"),
+        ({"data": b""}, "data"),
+        ({"blocks": [], "embed_addrs": [], "deepstack_addrs": []}, "blocks"),
     ],
 )
-def test_invalid_grant_rejected_with_reason(changes, reason):
-    grant = next(m for m in samples() if isinstance(m, P.AllocGrant))
+def test_invalid_job_rejected_with_reason(changes, reason):
+    job = next(m for m in samples() if isinstance(m, P.EncodeJob))
     with pytest.raises(P.ProtocolError, match=reason):
-        P.decode(_tamper(grant, **changes))
+        P.decode(_tamper(job, **changes))
 
 
-def test_alloc_request_cross_field_checks():
-    req = next(m for m in samples() if isinstance(m, P.AllocRequest))
-    with pytest.raises(P.ProtocolError, match=r"positions must be \[3\]"):
-        P.decode(_tamper(req, positions=P.int32s([[0], [0], [0]])))
-    with pytest.raises(P.ProtocolError, match="more visual tokens"):
-        P.decode(_tamper(req, n_tokens=5))
-    with pytest.raises(P.ProtocolError, match=r"positions must be \[3\]"):
-        P.decode(_tamper(req, positions=P.int32s([[0, 1, 2, 3]] * 4)))
-    with pytest.raises(P.ProtocolError, match="whole number of int32"):
-        P.decode(_tamper(req, input_ids=b"\x01\x00\x00"))
-    with pytest.raises(P.ProtocolError, match="negative token id"):
-        P.decode(_tamper(req, input_ids=P.int32s([1, 5, 5, 7])[:-4] + b"\xff\xff\xff\xff"))
-    with pytest.raises(P.ProtocolError, match="negative position"):
-        P.decode(_tamper(req, positions=b"\xff\xff\xff\xff" + req.positions[4:]))
-    with pytest.raises(P.ProtocolError, match="Expected `bytes`"):
-        P.decode(_tamper(req, input_ids=[1, 5, 5, 7]))  # the old list form is refused
-    assert req.token_ids().tolist() == [1, 5, 5, 7] and req.position_ids().shape == (3, 4)
-
-
-def test_int32s_refuses_values_outside_int32():
-    with pytest.raises(ValueError):
-        P.int32s([1 << 31])
-    with pytest.raises(ValueError):
-        P.int32s([-1])
-
-
-def test_encode_request_image_references_checked():
-    enc = next(m for m in samples() if isinstance(m, P.EncodeRequest))
-    with pytest.raises(P.ProtocolError, match="each image once"):
-        P.decode(_tamper(enc, images=[b"only one"]))
-    with pytest.raises(P.ProtocolError, match="length"):
-        P.decode(_tamper(enc, images=[b"x"] * (MAX_IMAGES + 1)))
+def test_failed_defaults_promise_a_stopped_write():
+    msg = P.decode(msgpack.packb({"type": "failed", "version": P.PROTOCOL_VERSION, "rid": "r"}))
+    assert isinstance(msg, P.EncodeFailed) and msg.write_stopped is True
+    with pytest.raises(P.ProtocolError, match="write_stopped"):
+        P.decode(_tamper(samples()[4], write_stopped="no"))
 
 
 def test_oversized_and_wrong_kind():
     with pytest.raises(P.ProtocolError, match="exceeds"):
         P.decode(b"\x00" * 100, max_bytes=10)
     with pytest.raises(P.ProtocolError, match="unexpected message Abort"):
-        P.decode_as(P.encode(P.Abort(rid="x")), P.AllocGrant)
+        P.decode_as(P.encode(P.Abort(rid="x")), P.EncodeJob)
     with pytest.raises(TypeError):
         P.encode({"type": "abort"})  # type: ignore[arg-type]
 
 
 def test_construction_validates_too():
     with pytest.raises(ValueError, match="need 1"):
-        P.AllocGrant(
-            rid="r", generation=0, session="s", block_tokens=4, n_tokens=3, hidden=8,
-            dtype="float32", blocks=[], embed_addrs=[], deepstack_addrs=[],
+        P.EncodeJob(
+            rid="r", data=b"x", grid=[1, 2, 2], generation=0, session="s", block_tokens=4,
+            n_tokens=3, hidden=8, dtype="float32", blocks=[1, 2], embed_addrs=[1, 2],
+            deepstack_addrs=[3, 4],
         )  # fmt: skip
 
 
@@ -191,7 +155,14 @@ _plain = st.recursive(
 @FUZZ
 @given(st.sampled_from([m.__struct_config__.tag for m in P.ALL_MESSAGES]), _plain)
 def test_well_formed_msgpack_with_wrong_shapes_is_rejected_cleanly(tag, junk):
-    payload = {"type": tag, "version": 1, "rid": junk, "blocks": junk, "turns": junk}
+    payload = {
+        "type": tag,
+        "version": P.PROTOCOL_VERSION,
+        "rid": junk,
+        "blocks": junk,
+        "grid": junk,
+        "data": junk,
+    }
     try:
         data = msgpack.packb(payload, use_bin_type=True)
     except (OverflowError, ValueError):

@@ -2,8 +2,8 @@
 
 One SGLang engine (``Qwen3MoeForCausalLMWithDeepStack`` from ``language_server.sglang_models``)
 serves prompts with 0, 1 and 2 images through ``SGLangEngine`` exactly as the language server does:
-the encoder's ids, M-RoPE positions, embeddings and DeepStack rows go in through ``job_for_text`` /
-``job_for_image``. The greedy tokens and the first step's top-5 log-probabilities must equal those
+the prompt builder's ids and M-RoPE positions and the encoder's embeddings and DeepStack rows go
+in through ``job_for_text`` / ``job_for_image``. The greedy tokens and the first step's top-5 log-probabilities must equal those
 of transformers' monolithic ``Qwen3VLMoeForConditionalGeneration`` on the same checkpoint.
 """
 
@@ -129,12 +129,12 @@ def _reference(monolithic, processor, messages):
 
 
 @pytest.fixture(scope="module")
-def cases(encoder, monolithic, make_image):
+def cases(pipeline, monolithic, make_image):
     out = {}
     for name, spec in PROMPTS.items():
         messages = _messages(spec, make_image)
-        encoded = encoder.encode(messages)
-        out[name] = (encoded, *_reference(monolithic, encoder.preprocessor.processor, messages))
+        encoded = pipeline.encode(messages)
+        out[name] = (encoded, *_reference(monolithic, pipeline.processor, messages))
     return out
 
 

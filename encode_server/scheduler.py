@@ -1,0 +1,129 @@
+"""The encoder's job scheduler: pixels for queued jobs, then one ViT forward per batch.
+
+Jobs arrive with their destination already lent, so nothing waits for a grant: a job goes
+QUEUED -> (preprocess: decode, resize, patches; its grid must equal the one the language side
+computed) -> AWAIT_VISION -> (one ViT forward over a batch of jobs, split into embeds and
+deepstack) -> AWAIT_READY, from which ``transfers`` starts the write once the split's kernels
+have completed. Preprocessing runs in bounded slices so the loop keeps answering messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from encode_server.jobs import Job, Stage
+from encode_server.staging import Span, StagingArena
+from encode_server.vision import VisionEncoder
+
+log = logging.getLogger("epd.encode.scheduler")
+
+Fail = Callable[[Job, str, str], None]  # (job, stage, reason): report and forget the job
+
+
+class JobScheduler:
+    def __init__(self, encoder: VisionEncoder, dtype: str, arena: StagingArena,
+                 max_batch_images: int, max_batch_tokens: int, fail: Fail) -> None:  # fmt: skip
+        self.encoder, self.dtype, self.arena = encoder, dtype, arena
+        self.max_batch_images, self.max_batch_tokens = max_batch_images, max_batch_tokens
+        self.fail = fail
+        self.cuda = encoder.device.type == "cuda"
+        self.stalled = False  # the last batch was cut short by a full staging arena
+
+    def check(self, job: Job) -> str:
+        """Why ``job`` cannot be served by this encoder ("" when it can)."""
+        m = job.msg
+        if m.hidden != self.encoder.hidden or m.dtype != self.dtype:
+            return (
+                f"pool is {m.dtype} x {m.hidden}, this encoder {self.dtype} x {self.encoder.hidden}"
+            )
+        return ""
+
+    def preprocess_some(self, jobs: list[Job], budget_s: float = 0.2) -> None:
+        """Preprocess queued jobs (oldest first) for at most ``budget_s``."""
+        start = time.perf_counter()
+        for job in [j for j in jobs if j.stage is Stage.QUEUED][: self.max_batch_images]:
+            if time.perf_counter() - start > budget_s:
+                return
+            self._preprocess(job)
+
+    def _preprocess(self, job: Job) -> None:
+        job.mark("preprocess_start")
+        try:
+            image = self.encoder.preprocess_image(job.msg.data)
+        except ValueError as exc:
+            self.fail(job, "preprocess", str(exc))
+            return
+        expected = (tuple(job.msg.grid), job.msg.n_tokens)
+        if (tuple(image.grid), image.n_tokens) != expected:
+            self.fail(job, "preprocess", f"image preprocesses to grid {list(image.grid)} "
+                      f"({image.n_tokens} tokens), the job expects {job.msg.grid} "
+                      f"({job.msg.n_tokens} tokens)")  # fmt: skip
+            return
+        job.mark("preprocessed")
+        job.image, job.stage = image, Stage.AWAIT_VISION
+
+    def encode_batch(self, jobs: list[Job]) -> None:
+        """One ViT forward over the next batch of preprocessed jobs, rows split straight into
+        the staging arena."""
+        batch, spans = self._next_batch(jobs)
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        try:
+            outputs = self.encoder.run_vision(
+                [j.image for j in batch if j.image is not None],
+                out=[(s.embeds, s.deepstack) if s is not None else None for s in spans],
+            )
+        except Exception as exc:  # noqa: BLE001 - a ViT failure fails its batch, not the server
+            log.exception("vision forward failed for %d jobs", len(batch))
+            for job, span in zip(batch, spans, strict=True):
+                job.staging = span  # given back when the job is finished
+                self.fail(job, "vision", f"{type(exc).__name__}: {exc}")
+            return
+        ready = _event() if self.cuda else None
+        t1 = time.perf_counter()
+        for job, span, (embeds, deepstack) in zip(batch, spans, outputs, strict=True):
+            job.marks.update(vision_start=t0, vision_end=t1)
+            job.embeds, job.deepstack, job.ready, job.staging = embeds, deepstack, ready, span
+            job.image, job.stage = None, Stage.AWAIT_READY
+
+    def _next_batch(self, jobs: list[Job]) -> tuple[list[Job], list[Span | None]]:
+        """The oldest preprocessed jobs that fit one forward, each with its staging span (None:
+        larger than the whole arena, so fresh memory). Stops at a job the arena has no room
+        for yet (``stalled``): the encoder does not run ahead of its writes."""
+        batch: list[Job] = []
+        spans: list[Span | None] = []
+        tokens = 0
+        self.stalled = False
+        for job in jobs:
+            if job.stage is not Stage.AWAIT_VISION:
+                continue
+            n = job.msg.n_tokens
+            if batch and (
+                len(batch) >= self.max_batch_images or tokens + n > self.max_batch_tokens
+            ):
+                break
+            span = self.arena.take(n) if self.arena.fits(n) else None
+            if span is None and self.arena.fits(n):
+                self.stalled = True
+                break
+            batch.append(job)
+            spans.append(span)
+            tokens += n
+        return batch, spans
+
+
+def _event() -> torch.cuda.Event:
+    """A CUDA event after everything queued so far on the current stream (the split)."""
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def rows_ready(job: Job) -> bool:
+    """Whether the kernels that wrote ``job``'s rows have completed (always, on the CPU)."""
+    return job.ready is None or bool(job.ready.query())

@@ -1,0 +1,231 @@
+"""Prompt preparation on the language side (flow v3): everything but the pixels.
+
+``PromptBuilder.build(turns, images)`` renders the checkpoint's chat template (one template for
+every prompt, text-only included), tokenizes it, reads each image's size from its header only
+(EXIF orientation honoured as the encoder's ``ImageOps.exif_transpose`` will), asks the image
+processor's own resize rule for the patch grid, expands each ``<|image_pad|>`` to the image's
+visual-token count and computes M-RoPE positions with transformers' ``get_rope_index``. Every
+limit is checked here, before any encoder work: ``PromptError`` carries 400 or 413.
+
+No pixel is decoded and no ViT runs on this side. ``build`` keeps no state between calls besides
+the tokenizer, so it may run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import ExifTags, Image
+from transformers import AutoConfig, AutoProcessor, Qwen3VLMoeConfig
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
+
+from protocol.chat import to_messages
+from protocol.messages import ChatTurn
+
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose width and height
+MAX_ASPECT = 200  # the image processor's own bound (smart_resize)
+
+
+class PromptError(ValueError):
+    """A prompt the server will not run: ``status`` 400 (malformed) or 413 (too large)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    max_prompt_tokens: int = 32768
+    max_images: int = 16
+    max_image_pixels: int = 64 * 1024 * 1024  # width * height of one image, from its header
+    max_image_tokens: int = 16384  # visual tokens of one image
+
+    def __post_init__(self) -> None:
+        sizes = (self.max_prompt_tokens, self.max_images, self.max_image_pixels,
+                 self.max_image_tokens)  # fmt: skip
+        if min(sizes) < 1:
+            raise ValueError(f"prompt limits must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image of a prompt: its bytes (untouched) and the grid the encoder must produce."""
+
+    data: bytes
+    grid: tuple[int, int, int]  # (t, h, w) in patches
+    n_tokens: int  # t * h * w // merge**2
+    offset: int  # first row of this image among the prompt's visual rows
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """input_ids [seq] long (image pads expanded); positions [3, seq] long (M-RoPE t/h/w);
+    mrope_delta: decode position p uses p + mrope_delta; visual_mask [seq] bool; images in
+    prompt order."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    mrope_delta: int
+    visual_mask: torch.Tensor
+    images: tuple[ImageSpec, ...]
+
+    @property
+    def n_vis(self) -> int:
+        return sum(image.n_tokens for image in self.images)
+
+    @property
+    def image_grid_thw(self) -> torch.Tensor:
+        return torch.tensor([image.grid for image in self.images], dtype=torch.long).reshape(-1, 3)
+
+
+class _RopeIndex:
+    """Just enough of Qwen3VLMoeModel for its get_rope_index: the config and one helper."""
+
+    get_rope_index = Qwen3VLMoeModel.get_rope_index
+    get_vision_position_ids = Qwen3VLMoeModel.get_vision_position_ids
+
+    def __init__(self, config: Qwen3VLMoeConfig) -> None:
+        self.config = config
+
+
+class PromptBuilder:
+    """Owns the Hugging Face processor's template, tokenizer and image-size rule; no weights."""
+
+    def __init__(
+        self, processor: Any, config: Qwen3VLMoeConfig, limits: PromptLimits | None = None
+    ) -> None:
+        self.processor = processor
+        self.config = config
+        self.limits = limits or PromptLimits()
+        self._images = processor.image_processor
+        self._rope = _RopeIndex(config)
+        self.image_token_id = config.image_token_id
+        self._vision_ids = _vision_token_ids(processor.tokenizer, config)
+        self.merge_size = int(self._images.merge_size)
+        if self.merge_size != config.vision_config.spatial_merge_size:
+            raise ValueError("the image processor's merge_size differs from the model's")
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: str | Path, limits: PromptLimits | None = None
+    ) -> PromptBuilder:
+        return cls(AutoProcessor.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir),
+                   limits)  # fmt: skip
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    def build(
+        self, turns: list[ChatTurn], images: list[bytes], add_generation_prompt: bool = True
+    ) -> PreparedPrompt:
+        """Validate and prepare one prompt. PromptError (400 / 413) on anything not served."""
+        if len(images) > self.limits.max_images:
+            raise PromptError(f"too many images: {len(images)}, at most {self.limits.max_images}")
+        _check_image_order(turns, len(images))
+        shapes = [self._grid(data, k) for k, data in enumerate(images)]
+        ids = self._tokenize(turns, len(images), add_generation_prompt)
+        input_ids = self._expand(ids, [n for _, n in shapes])
+        if len(input_ids) > self.limits.max_prompt_tokens:
+            raise PromptError(f"prompt has {len(input_ids)} tokens, the limit is "
+                              f"{self.limits.max_prompt_tokens}", 400)  # fmt: skip
+        specs, offset = [], 0
+        for data, (grid, n) in zip(images, shapes, strict=True):
+            specs.append(ImageSpec(data=data, grid=grid, n_tokens=n, offset=offset))
+            offset += n
+        visual_mask = input_ids == self.image_token_id
+        positions, delta = self._positions(input_ids, visual_mask, [g for g, _ in shapes])
+        return PreparedPrompt(input_ids, positions, delta, visual_mask, tuple(specs))
+
+    def _grid(self, data: bytes, k: int) -> tuple[tuple[int, int, int], int]:
+        """(grid, visual tokens) of image ``k`` from its header, by the image processor's rule."""
+        width, height = _header_size(data, k)
+        if width < 1 or height < 1:
+            raise PromptError(f"image {k} has zero size ({width}x{height})")
+        if max(width, height) / min(width, height) > MAX_ASPECT:
+            raise PromptError(f"image {k} aspect ratio {width}x{height} exceeds {MAX_ASPECT}:1")
+        if width * height > self.limits.max_image_pixels:
+            raise PromptError(f"image {k} has {width * height} pixels, the limit is "
+                              f"{self.limits.max_image_pixels}", 413)  # fmt: skip
+        p, size = self._images.patch_size, self._images.size
+        h, w = smart_resize(height, width, factor=p * self.merge_size,
+                            min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])  # fmt: skip
+        grid = (1, h // p, w // p)
+        if self._images.get_number_of_image_patches(height, width, {}) != grid[1] * grid[2]:
+            raise RuntimeError(f"{type(self._images).__name__} does not resize like smart_resize")
+        n = grid[0] * grid[1] * grid[2] // self.merge_size**2
+        if n > self.limits.max_image_tokens:
+            raise PromptError(f"image {k} needs {n} visual tokens, the limit is "
+                              f"{self.limits.max_image_tokens}", 413)  # fmt: skip
+        return grid, n
+
+    def _tokenize(self, turns: list[ChatTurn], n_images: int, add_generation_prompt: bool):
+        messages = [
+            {**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
+            for m in to_messages(turns, [None] * n_images)
+        ]  # fmt: skip
+        text = self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor(ids, dtype=torch.long)
+        image_pad, video_pad, start, end = (int((ids == t).sum()) for t in self._vision_ids)
+        if (image_pad, video_pad, start, end) != (n_images, 0, n_images, n_images):
+            raise PromptError(
+                f"vision tokens typed in text: the prompt holds {image_pad} image pad, "
+                f"{video_pad} video pad, {start} vision start and {end} vision end tokens "
+                f"for {n_images} images"
+            )
+        return ids
+
+    def _expand(self, ids: torch.Tensor, n_tokens: list[int]) -> torch.Tensor:
+        repeats = torch.ones_like(ids)
+        repeats[ids == self.image_token_id] = torch.tensor(n_tokens, dtype=ids.dtype)
+        return torch.repeat_interleave(ids, repeats)
+
+    def _positions(
+        self, input_ids: torch.Tensor, visual_mask: torch.Tensor, grids: list[tuple[int, int, int]]
+    ) -> tuple[torch.Tensor, int]:
+        positions, deltas = self._rope.get_rope_index(
+            input_ids[None],
+            mm_token_type_ids=visual_mask.long()[None],
+            image_grid_thw=torch.tensor(grids, dtype=torch.long) if grids else None,
+        )
+        return positions[:, 0].contiguous(), int(deltas.reshape(-1)[0])
+
+
+def _vision_token_ids(tokenizer: Any, config: Qwen3VLMoeConfig) -> tuple[int, int, int, int]:
+    """(image pad, video pad, vision start, vision end) ids, the same in config and tokenizer."""
+    names = ("image", "video", "vision_start", "vision_end")
+    tokens = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    ids = tuple(int(getattr(config, f"{name}_token_id")) for name in names)
+    if ids != tuple(tokenizer.convert_tokens_to_ids(list(tokens))):
+        raise ValueError(f"the config's vision token ids {ids} differ from the tokenizer's")
+    return ids  # type: ignore[return-value]
+
+
+def _check_image_order(turns: list[ChatTurn], n_images: int) -> None:
+    used = [p.image for turn in turns for p in turn.parts if p.kind == "image"]
+    if used != list(range(n_images)):
+        raise PromptError(f"image parts must use images 0..{n_images - 1} once each, in order")
+
+
+def _header_size(data: bytes, k: int) -> tuple[int, int]:
+    """(width, height) as the encoder will see it after exif_transpose; no pixel is decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            # the base class reads the header's EXIF; PNG's override would decode to find it
+            orientation = Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    except Image.DecompressionBombError as exc:
+        raise PromptError(f"image {k} is too large: {exc}", 413) from None
+    except Exception as exc:  # PIL's plugins raise many types on hostile headers
+        raise PromptError(f"cannot decode image {k}: {type(exc).__name__}: {exc}") from None
+    return (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)

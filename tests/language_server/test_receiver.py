@@ -1,0 +1,180 @@
+"""The receiver's block lifetimes (transfer/base.py, rule 2), one rule per test, on a real pool
+registered with Mooncake; rows are written into it directly, as a writer's transport would."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import protocol as P
+from language_server.receiver import Receiver
+from language_server.requests import Lease, LeaseState, Pending, RequestError
+from transfer import MultimodalDataBuffers, make_receiver, rows_checksum
+
+HIDDEN, BLOCK = 8, 4
+
+
+@dataclass(eq=False)
+class Link:
+    """The receiver's view of an encoder: what it sends there is recorded."""
+
+    incarnation: int = 7
+    address: str = "tcp://encoder"
+    served: int = 0
+    inflight: set = field(default_factory=set)
+    sent: list = field(default_factory=list)
+
+    def send(self, msg, quiet=False):
+        self.sent.append(msg)
+        return True
+
+
+@dataclass(frozen=True)
+class Image:
+    data: bytes
+    grid: tuple
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class Prompt:
+    images: tuple
+    input_ids: torch.Tensor = torch.zeros(1, dtype=torch.long)
+    positions: torch.Tensor = torch.zeros(3, 1, dtype=torch.long)
+    visual_mask: torch.Tensor = torch.zeros(1, dtype=torch.bool)
+    image_grid_thw: torch.Tensor = torch.zeros(0, 3, dtype=torch.long)
+
+
+class Event:
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+@pytest.fixture(scope="module")
+def transport():
+    rx = make_receiver("mooncake")
+    yield rx
+    rx.close()
+
+
+def _receiver(transport, blocks=8, **kw) -> Receiver:
+    return Receiver(MultimodalDataBuffers(blocks, BLOCK, HIDDEN, torch.float32, transport), **kw)
+
+
+def _request(rx: Receiver, link: Link, rid: str, *tokens: int):
+    """Admit a request with one image per entry of ``tokens``; send its jobs to ``link``."""
+    results: list = []
+    prompt = Prompt(tuple(Image(b"png", (1, 2, 2 * n), n) for n in tokens))
+    req = Pending(rid, prompt, lambda rows, err: results.append(err or rows.embeds.clone()))
+    req.leases = [Lease(req, i, n) for i, n in enumerate(tokens)]
+    jobs: list[P.EncodeJob] = []
+
+    def send(pending):
+        for lease in pending.leases:
+            jobs.append(rx.job(lease, b"png", [1, 2, 2 * lease.n_tokens]))
+            rx.sent(lease, link)
+
+    rx.on_lent = send
+    rx.admit(req)
+    return req, jobs, results
+
+
+def _write(rx: Receiver, job: P.EncodeJob, seed: int) -> P.TransferDone:
+    g = torch.Generator().manual_seed(seed)
+    e, d = (
+        torch.randn(job.n_tokens, HIDDEN, generator=g),
+        torch.randn(job.n_tokens, 3 * HIDDEN, generator=g),
+    )
+    for i, b in enumerate(job.blocks):
+        rows = slice(i * BLOCK, min((i + 1) * BLOCK, job.n_tokens))
+        n = rows.stop - rows.start
+        rx.buffers.embeds[b * BLOCK : b * BLOCK + n] = e[rows]
+        rx.buffers.deepstack[b * BLOCK : b * BLOCK + n] = d[rows]
+    return P.TransferDone(rid=job.rid, image=job.image, generation=job.generation,
+                          n_tokens=job.n_tokens, checksum=rows_checksum(e, d, BLOCK))  # fmt: skip
+
+
+def test_a_requests_images_get_blocks_together_or_wait(transport):
+    rx, link = _receiver(transport, blocks=4), Link()
+    _, jobs_a, _ = _request(rx, link, "a", 6, 4)  # 2 + 1 blocks
+    assert [len(j.blocks) for j in jobs_a] == [2, 1] and rx.buffers.num_free == 1
+    req_b, jobs_b, _ = _request(rx, link, "b", 4, 4)  # needs 2: waits, takes none
+    assert jobs_b == [] and rx.buffers.num_free == 1 and list(rx.waiting) == [req_b]
+    with pytest.raises(Exception, match="need 5 blocks"):
+        _request(rx, link, "c", 20)
+
+
+def test_rule_a_rows_verified_and_copied_then_blocks_return(transport):
+    event = Event()
+    rx, link = _receiver(transport, copy_event=lambda: event), Link()
+    _, jobs, results = _request(rx, link, "a", 6, 3)
+    for k, job in enumerate(jobs):
+        rx.on_message(link, _write(rx, job, seed=k))
+    assert len(results) == 1 and results[0].shape == (9, HIDDEN)
+    assert rx.buffers.num_free == 8 - 3, "freed while the copy out of them may still run"
+    event.done = True
+    rx.tick()
+    assert rx.buffers.num_free == 8 and not rx.lent and link.served == 2
+
+
+def test_rule_b_failed_request_keeps_blocks_until_the_writer_says_stopped(transport):
+    rx, link = _receiver(transport), Link()
+    req, (job,), results = _request(rx, link, "a", 8)
+    rx.fail(req, RequestError(504, "timeout"))
+    assert results and results[0].status == 504
+    assert isinstance(link.sent[-1], P.Abort) and link.sent[-1].image == 0
+    time.sleep(0.05)
+    rx.tick()
+    assert rx.buffers.num_free == 6 and rx.orphaned_blocks == 2  # no timer frees them
+    failed = dict(rid="a", image=0, generation=job.generation, stage="transfer")
+    rx.on_message(link, P.EncodeFailed(**failed, write_stopped=False))
+    assert rx.buffers.num_free == 6
+    rx.on_message(Link(), P.EncodeFailed(**failed))  # another encoder cannot free them
+    assert rx.buffers.num_free == 6
+    rx.on_message(link, P.EncodeFailed(**failed, write_stopped=True))
+    assert rx.buffers.num_free == 8 and not rx.lent
+
+
+def test_rule_b_an_encoder_failure_report_ends_the_request(transport):
+    rx, link = _receiver(transport), Link()
+    _, (job,), results = _request(rx, link, "a", 4)
+    rx.on_message(link, P.EncodeFailed(rid="a", image=0, generation=job.generation,
+                                       stage="preprocess", reason="grid differs"))  # fmt: skip
+    assert results[0].status == 400 and rx.buffers.num_free == 8
+    assert not [m for m in link.sent if isinstance(m, P.Abort)]  # it already stopped
+
+
+def test_rule_c_restart_frees_at_once_death_after_the_transport_timeout(transport):
+    rx, link = _receiver(transport, dead_writer_s=0.2), Link()
+    req, (job,), _ = _request(rx, link, "a", 8)
+    rx.writer_dead(req.leases[0])
+    assert req.leases[0].state is LeaseState.WAITING and rx.buffers.num_free == 6
+    rx.tick()
+    assert rx.buffers.num_free == 6  # it may still write until the transport's timeout
+    time.sleep(0.25)
+    rx.tick()
+    assert rx.buffers.num_free == 8
+    # a restart: the old process's jobs cannot write any more
+    rx2, link2 = _receiver(transport), Link()
+    req2, _, _ = _request(rx2, link2, "b", 8, 4)
+    link2.incarnation = 8
+    assert rx2.writer_restarted(link2) == [req2]
+    assert rx2.buffers.num_free == 8 and all(x.state is LeaseState.WAITING for x in req2.leases)
+
+
+def test_stale_generation_and_wrong_link_are_dropped(transport):
+    rx, link = _receiver(transport), Link()
+    _, (job,), results = _request(rx, link, "a", 4)
+    done = _write(rx, job, seed=1)
+    rx.on_message(link, P.TransferDone(rid="a", image=0, generation=job.generation + 1,
+                                       n_tokens=4, checksum=done.checksum))  # fmt: skip
+    rx.on_message(Link(), done)
+    assert rx.dropped_messages == 2 and not results
+    rx.on_message(link, done)
+    assert len(results) == 1 and rx.buffers.num_free == 8
