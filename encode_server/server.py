@@ -35,7 +35,7 @@ class EncodeServer:
     def __init__(self, config: EncodeConfig, encoder: VisionEncoder, sender: TransferSender):
         self.config, self.encoder, self.sender = config, encoder, sender
         self.incarnation = secrets.randbits(63)  # new per process: peers tell restarts apart
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.LINGER, 0)

@@ -25,7 +25,7 @@ class ChatRequest:
     prompt: Any = None  # language_server.prompt.PreparedPrompt, once built
     created: float = field(default_factory=time.time)
     marks: dict[str, float] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)  # seconds, counts, finish_reason
 
 
 def parse_chat_request(

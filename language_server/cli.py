@@ -133,7 +133,7 @@ def build_app(config: LanguageConfig):
                           max_image_pixels=config.max_image_pixels,
                           max_image_tokens=config.max_image_tokens)  # fmt: skip
     builder = PromptBuilder.from_pretrained(config.model, limits)
-    hidden = builder.config.text_config.hidden_size
+    hidden = builder.config.text_config.hidden_size  # type: ignore[union-attr]
     transport = make_receiver(config.transport, **config.receiver_options())
     buffers = MultimodalDataBuffers(config.num_blocks, config.block_tokens,
                                     hidden, dtype, transport, config.device)  # fmt: skip

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -49,7 +50,7 @@ class EncoderLink:
         # outcome here (an unread failed future would be logged as never retrieved). Sending
         # through a synchronous shadow socket instead would swallow the edge-triggered wake-up
         # the reader task waits for.
-        sent = self.sock.send(P.encode(msg), zmq.NOBLOCK)
+        sent: Any = self.sock.send(P.encode(msg), zmq.NOBLOCK)  # a finished Future
         error = sent.exception() if sent.done() else None
         if error is not None and not quiet:
             log.warning("cannot send %s to %s: %s", type(msg).__name__, self.address, error)

@@ -109,7 +109,7 @@ class PromptBuilder:
         self.image_token_id = config.image_token_id
         self._vision_ids = _vision_token_ids(processor.tokenizer, config)
         self.merge_size = int(self._images.merge_size)
-        if self.merge_size != config.vision_config.spatial_merge_size:
+        if self.merge_size != config.vision_config.spatial_merge_size:  # type: ignore[union-attr]
             raise ValueError("the image processor's merge_size differs from the model's")
 
     @classmethod
@@ -193,10 +193,10 @@ class PromptBuilder:
     def _positions(
         self, input_ids: torch.Tensor, visual_mask: torch.Tensor, grids: list[tuple[int, int, int]]
     ) -> tuple[torch.Tensor, int]:
-        positions, deltas = self._rope.get_rope_index(
-            input_ids[None],
-            mm_token_type_ids=visual_mask.long()[None],
-            image_grid_thw=torch.tensor(grids, dtype=torch.long) if grids else None,
+        positions, deltas = self._rope.get_rope_index(  # type: ignore[misc]  # a borrowed method
+            input_ids[None],  # type: ignore[arg-type]
+            mm_token_type_ids=visual_mask.long()[None],  # type: ignore[arg-type]
+            image_grid_thw=torch.tensor(grids, dtype=torch.long) if grids else None,  # type: ignore[arg-type]
         )
         return positions[:, 0].contiguous(), int(deltas.reshape(-1)[0])
 

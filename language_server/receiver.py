@@ -175,9 +175,10 @@ class Receiver:
                 if lease.state is LeaseState.ORPHANED:
                     self._return(lease)
             return
-        lease = self._lease(link, msg.rid, msg.image, msg.generation)
-        if lease is None:
+        found = self._lease(link, msg.rid, msg.image, msg.generation)
+        if found is None:
             return
+        lease = found
         if lease.state is not LeaseState.ORPHANED:
             status = _STATUS.get(msg.stage, 502)
             err = RequestError(status, f"encoder failed image {msg.image} at {msg.stage}: "
@@ -307,7 +308,7 @@ class Receiver:
         """Free once the copies queued so far have completed (at once when they were
         synchronous, as on the CPU)."""
         event = self.copy_event() if blocks else None
-        if event is not None and not event.query():
+        if blocks and event is not None and not event.query():
             self.copying.append((event, blocks))
         else:
             self._free(blocks)

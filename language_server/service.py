@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +122,7 @@ class ChatService:
                            transfer_s=t.transfer_s)  # fmt: skip
         return self.engine.job_for_image(prompt, req.params, emit)
 
-    async def tokens(self, run: Running) -> AsyncIterator[int]:
+    async def tokens(self, run: Running) -> AsyncGenerator[int, None]:
         """Yield generated token ids; sets ``run.request.timings``; cancels the job if closed."""
         req, finished = run.request, False
         try:

@@ -60,13 +60,15 @@ def load_language_state(
             wanted.setdefault(file, []).append(name)
     if not wanted:
         raise ValueError(f"no {LANGUAGE_PREFIX}* tensor in the checkpoint at {model_dir}")
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for file, names in sorted(wanted.items()):
         with safe_open(str(model_dir / file), framework="pt") as f:
             for name in names:
                 tensor = f.get_tensor(name)
                 tensor = to_internal(name, tensor, hidden, moe_intermediate, expert_layout)
-                out[_local_name(name)] = tensor.to(device=device, dtype=dtype).contiguous()
+                local = _local_name(name)
+                assert local is not None  # filtered above
+                out[local] = tensor.to(device=device, dtype=dtype).contiguous()
     return out
 
 

@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MC_LOG_LEVEL=ERROR
 echo "[test] ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-echo "[test] mypy (protocol, transfer)"
+echo "[test] mypy (protocol, transfer, encode_server, language_server)"
 .venv/bin/mypy
 echo "[test] pytest"
 .venv/bin/pytest "$@"
