@@ -156,7 +156,12 @@ def test_vision_tokens_typed_in_text_are_rejected(builder, images, text, n_image
         (PromptLimits(max_image_pixels=4000), _png_header(64, 64), 413, "pixels"),
         (PromptLimits(), _png_header(20000, 20000), 413, "too large"),  # PIL's bomb limit
         (PromptLimits(max_image_tokens=69), _png_header(320, 224), 413, "visual tokens"),
-        (PromptLimits(max_prompt_tokens=40), _png_header(320, 224), 400, "prompt has"),  # 400, as vLLM answers
+        (
+            PromptLimits(max_prompt_tokens=40),
+            _png_header(320, 224),
+            400,
+            "prompt has",
+        ),  # 400, as vLLM answers
     ],
 )
 def test_prompt_errors(builder, limits, data, status, match):
