@@ -89,12 +89,19 @@ class Receiver:
         pending.waiting_since = time.monotonic()
         self.waiting.append(pending)
 
+    def _todo(self, pending: Pending) -> list[Lease]:
+        return [x for x in pending.leases if x.state is LeaseState.WAITING and x.blocks is None]
+
+    def _fits(self, pending: Pending) -> bool:
+        need = sum(self.buffers.blocks_for(x.n_tokens) for x in self._todo(pending))
+        return need <= self.buffers.num_free
+
     def _lend_all(self, pending: Pending) -> bool:
-        """Blocks for every lease still without them, all or none."""
-        todo = [x for x in pending.leases if x.state is LeaseState.WAITING and x.blocks is None]
-        if sum(self.buffers.blocks_for(x.n_tokens) for x in todo) > self.buffers.num_free:
+        """Blocks for every lease still without them, all or none; then ``on_lent`` (which
+        may end the request, e.g. when no encoder is reachable)."""
+        if not self._fits(pending):
             return False
-        for lease in todo:
+        for lease in self._todo(pending):
             blocks = self.buffers.alloc(lease.n_tokens)
             assert blocks is not None  # fits: checked above
             lease.blocks, lease.generation = blocks, secrets.randbits(63)
@@ -289,8 +296,8 @@ class Receiver:
         self._serve_waiting()
 
     def _serve_waiting(self) -> None:
-        while self.waiting and self._lend_all(self.waiting[0]):
-            self.waiting.popleft()
+        while self.waiting and self._fits(self.waiting[0]):
+            self._lend_all(self.waiting.popleft())
 
     # --- helpers ----------------------------------------------------------------------------
 

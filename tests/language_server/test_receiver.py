@@ -73,16 +73,18 @@ def _request(rx: Receiver, link: Link, rid: str, *tokens: int):
     prompt = Prompt(tuple(Image(b"png", (1, 2, 2 * n), n) for n in tokens))
     req = Pending(rid, prompt, lambda rows, err: results.append(err or rows.embeds.clone()))
     req.leases = [Lease(req, i, n) for i, n in enumerate(tokens)]
-    jobs: list[P.EncodeJob] = []
+    sent: dict = rx.__dict__.setdefault("test_jobs", {})  # rid -> its EncodeJobs, once lent
 
     def send(pending):
         for lease in pending.leases:
-            jobs.append(rx.job(lease, b"png", [1, 2, 2 * lease.n_tokens]))
+            sent.setdefault(pending.rid, []).append(
+                rx.job(lease, b"png", [1, 2, 2 * lease.n_tokens])
+            )
             rx.sent(lease, link)
 
     rx.on_lent = send
     rx.admit(req)
-    return req, jobs, results
+    return req, sent.setdefault(rid, []), results
 
 
 def _write(rx: Receiver, job: P.EncodeJob, seed: int) -> P.TransferDone:
@@ -106,8 +108,13 @@ def test_a_requests_images_get_blocks_together_or_wait(transport):
     assert [len(j.blocks) for j in jobs_a] == [2, 1] and rx.buffers.num_free == 1
     req_b, jobs_b, _ = _request(rx, link, "b", 4, 4)  # needs 2: waits, takes none
     assert jobs_b == [] and rx.buffers.num_free == 1 and list(rx.waiting) == [req_b]
-    with pytest.raises(Exception, match="need 5 blocks"):
+    with pytest.raises(RequestError, match="need 5 blocks") as err:
         _request(rx, link, "c", 20)
+    assert err.value.status == 413
+    for k, job in enumerate(jobs_a):  # A's rows arrive; its blocks return; B gets its two
+        rx.on_message(link, _write(rx, job, seed=k))
+    assert [len(j.blocks) for j in jobs_b] == [1, 1] and not rx.waiting
+    assert rx.buffers.num_free == 2
 
 
 def test_rule_a_rows_verified_and_copied_then_blocks_return(transport):
