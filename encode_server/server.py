@@ -1,29 +1,31 @@
-"""The encode server's socket loop: jobs in from language servers, done/failed reports out.
+"""The encode server's worker loop: jobs in, ViT batches, writes, done/failed reports out.
 
-Main loop, one thread (``step``): receive and handle every waiting message; preprocess some
-queued jobs; run one ViT forward over a batch; start the writes whose rows are ready; poll the
-writes and report them; forget language servers gone silent. Each job arrives with its blocks
-already lent (``EncodeJob``), so a write starts as soon as the ViT is done.
+Two threads. The front thread (``front.Front``) owns the socket: it answers heartbeats itself,
+so a worker busy for seconds is never taken for dead, and passes jobs and aborts on. The worker
+(``step``, on the thread that calls ``serve_forever``) handles what the front passed on,
+preprocesses some queued jobs, runs one ViT forward over a batch, starts the writes whose rows
+are ready, and polls the writes and reports them. Each job arrives with its blocks already
+lent (``EncodeJob``), so a write starts as soon as the ViT is done.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import threading
 import time
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 
 import protocol as P
 from encode_server.config import EncodeConfig
+from encode_server.front import Front
 from encode_server.jobs import Job, Stage
 from encode_server.scheduler import JobScheduler
 from encode_server.staging import StagingArena
 from encode_server.transfers import Transfers
 from encode_server.vision import VisionEncoder
-from protocol.keys import server_keys
 from transfer import TransferSender
 
 log = logging.getLogger("epd.encode")
@@ -36,25 +38,20 @@ class EncodeServer:
         self.config, self.encoder, self.sender = config, encoder, sender
         self.incarnation = secrets.randbits(63)  # new per process: peers tell restarts apart
         self.ctx: zmq.Context = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
-        self.auth = _secure(self.ctx, self.sock, config)
-        self.sock.bind(config.bind_address)
-        self.poller = zmq.Poller()  # the socket, and the sender's completion fd when it has one
-        self.poller.register(self.sock, zmq.POLLIN)
+        self.front = Front(config, self.ctx, sender.name, self.incarnation)
+        self.pair = self.front.worker_pair
+        self.poller = zmq.Poller()  # the front's wake-ups, and the sender's completion fd
+        self.poller.register(self.pair, zmq.POLLIN)
         if sender.completion_fd is not None:
             self.poller.register(sender.completion_fd, zmq.POLLIN)
         self.jobs: dict[str, Job] = {}
-        self.hello_sent: set[bytes] = set()
-        self.peers: dict[bytes, float] = {}  # language servers: identity -> last heard from
         self.arena = StagingArena(config.staging_tokens or 2 * config.max_batch_tokens,
                                   encoder.hidden, encoder.dtype, encoder.device, sender)  # fmt: skip
         self.scheduler = JobScheduler(encoder, config.dtype, self.arena, config.max_batch_images,
                                       config.max_batch_tokens, self._fail)  # fmt: skip
         self.transfers = Transfers(sender, config.transfer_timeout_s, self._report, self._finish)
         self.stats = {"jobs": 0, "rejected_messages": 0}
+        self.front.start()
 
     # --- loop -------------------------------------------------------------------------------
 
@@ -68,12 +65,11 @@ class EncodeServer:
         self.receive(timeout_ms=self._idle_ms())
         self.transfers.poll(self._jobs())
         self.scheduler.preprocess_some(self._jobs())
-        self.receive(timeout_ms=0)  # aborts and heartbeats that came in meanwhile
+        self.receive(timeout_ms=0)  # aborts that came in meanwhile
         self.transfers.poll(self._jobs())  # report finished writes before the next ViT forward
         self.scheduler.encode_batch(self._jobs())
         self.transfers.start_ready(self._jobs())
         self.transfers.poll(self._jobs())
-        self.forget_silent_peers()
 
     def _jobs(self) -> list[Job]:
         return list(self.jobs.values())
@@ -98,46 +94,39 @@ class EncodeServer:
     def close(self) -> None:
         for job in self._jobs():
             self._finish(job)
-        self.sock.close(linger=0)
-        if self.auth is not None:
-            self.auth.stop()
+        self.front.stop()
 
     # --- receive ----------------------------------------------------------------------------
 
     def receive(self, timeout_ms: int) -> None:
-        """Handle every waiting message; block up to ``timeout_ms`` for the first one (or for
-        a write to end)."""
+        """Handle everything the front passed on; block up to ``timeout_ms`` for the first item
+        (or for a write to end)."""
         ready = dict(self.poller.poll(timeout_ms))
         if self.sender.completion_fd in ready:
             self.sender.drain_completions()
-        if self.sock not in ready:
-            return
+        if self.pair in ready:
+            while True:  # wake-ups: one per item, or fewer
+                try:
+                    self.pair.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) != 2:
-                self._reject(frames[0] if frames else b"", f"{len(frames)} frames, expected 2")
-                continue
-            peer, data = frames
-            self.peers[peer] = time.monotonic()
-            try:
-                msg = P.decode(data)
-            except P.ProtocolError as exc:
-                self._reject(peer, str(exc))
-                continue
-            self.handle(peer, msg)
+                kind, peer, msg = self.front.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "silent":
+                self.drop_peer(peer)
+            else:
+                self.handle(peer, msg)
+        self.front.load = sum(1 for j in self.jobs.values() if j.stage is not Stage.DRAINING)
+        self.stats["rejected_messages"] = self.front.rejected
 
     def handle(self, peer: bytes, msg: P.Message) -> None:
         if isinstance(msg, P.EncodeJob):
             self.on_job(peer, msg)
         elif isinstance(msg, P.Abort):
             self.on_abort(peer, msg)
-        elif isinstance(msg, P.Heartbeat):
-            self.on_heartbeat(peer)
-        else:
-            self._reject(peer, f"{type(msg).__name__} is not for an encode server")
 
     def on_job(self, peer: bytes, msg: P.EncodeJob) -> None:
         """Queue the job; preprocessing happens in the scheduler."""
@@ -146,7 +135,7 @@ class EncodeServer:
         job = Job(peer=peer, msg=msg, received_at=now)
         job.marks["received"] = now
         if job.key in self.jobs:
-            self._reject(peer, f"duplicate job {msg.rid}/{msg.image}")
+            log.warning("duplicate job %s/%d from %s: ignored", msg.rid, msg.image, peer.hex()[:12])
             return
         problem = self.scheduler.check(job)
         queued = sum(1 for j in self.jobs.values() if j.stage is Stage.QUEUED)
@@ -172,30 +161,16 @@ class EncodeServer:
             self._send(peer, P.EncodeFailed(rid=msg.rid, image=msg.image, stage="aborted",
                                             reason=reason[:4000]))  # fmt: skip
 
-    def on_heartbeat(self, peer: bytes) -> None:
-        if peer not in self.hello_sent:
-            self.hello_sent.add(peer)
-            self._send(peer, P.EncoderHello(encoder_id=self.config.name, transport=self.sender.name,
-                                            session=self.config.name,
-                                            incarnation=self.incarnation))  # fmt: skip
-        load = sum(1 for j in self.jobs.values() if j.stage is not Stage.DRAINING)
-        self._send(peer, P.Heartbeat(encoder_id=self.config.name, inflight=load,
-                                     sent_at=time.time(), incarnation=self.incarnation))  # fmt: skip
-
-    def forget_silent_peers(self) -> None:
-        """Drop every job of a language server gone silent (its writes end on their own)."""
-        silent_since = time.monotonic() - self.config.peer_timeout_s
-        for peer in [p for p, seen in self.peers.items() if seen < silent_since]:
-            dropped = [j for j in self._jobs() if j.peer == peer]
-            for job in dropped:
-                if job.stage is Stage.TRANSFERRING:  # its sources stay until the write ends
-                    self.transfers.drain(job, "aborted", "language server silent")
-                elif job.stage is not Stage.DRAINING:
-                    self._finish(job)
-            del self.peers[peer]
-            self.hello_sent.discard(peer)
-            log.warning("language server %s silent for %.0f s: dropped its %d jobs",
-                        peer.hex()[:12], self.config.peer_timeout_s, len(dropped))  # fmt: skip
+    def drop_peer(self, peer: bytes) -> None:
+        """A language server went silent: drop its jobs (running writes end on their own)."""
+        dropped = [j for j in self._jobs() if j.peer == peer]
+        for job in dropped:
+            if job.stage is Stage.TRANSFERRING:  # its sources stay until the write ends
+                self.transfers.drain(job, "aborted", "language server silent")
+            elif job.stage is not Stage.DRAINING:
+                self._finish(job)
+        log.warning("language server %s silent for %.0f s: dropped its %d jobs",
+                    peer.hex()[:12], self.config.peer_timeout_s, len(dropped))  # fmt: skip
 
     # --- helpers ----------------------------------------------------------------------------
 
@@ -217,32 +192,10 @@ class EncodeServer:
         self._send(job.peer, msg)
 
     def _send(self, peer: bytes, msg: P.Message) -> None:
-        try:
-            self.sock.send_multipart([peer, P.encode(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue is full
-            log.warning("cannot send %s to a language server: %s", type(msg).__name__, exc)
-
-    def _reject(self, peer: bytes, reason: str) -> None:
-        self.stats["rejected_messages"] += 1
-        log.warning("rejected a message from %s: %s", peer.hex()[:12] or "?", reason)
+        """Through the front thread, which owns the socket."""
+        self.pair.send_multipart([peer, P.encode(msg)])
 
 
 def _failed(msg: P.EncodeJob, stage: str, reason: str) -> P.EncodeFailed:
     return P.EncodeFailed(rid=msg.rid, image=msg.image, generation=msg.generation,
                           stage=stage, reason=reason[:4000])  # type: ignore[arg-type]  # fmt: skip
-
-
-def _secure(ctx: zmq.Context, sock: zmq.Socket, config: EncodeConfig) -> ThreadAuthenticator | None:
-    """Make ``sock`` a CURVE server that admits only authorized clients (when keys are set)."""
-    keys = server_keys(config.curve_keys, config.curve_clients)
-    if keys is None:
-        log.warning("control plane is NOT authenticated (no CURVE keys); bound to %s",
-                    config.bind_address)  # fmt: skip
-        return None
-    auth = ThreadAuthenticator(ctx)
-    auth.start()
-    auth.configure_curve(domain="*", location=str(keys.clients_dir))
-    sock.curve_secretkey, sock.curve_publickey = keys.secret, keys.public
-    sock.curve_server = True
-    log.info("control plane: CURVE on, clients authorized from %s", keys.clients_dir)
-    return auth
