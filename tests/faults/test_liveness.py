@@ -54,3 +54,19 @@ def test_a_worker_busy_for_seconds_is_never_taken_for_dead(tiny_model_dir, make_
         status, _ = c.chat(image_body(make_image))
         assert status == 200
         assert c.health()["requests"]["redispatched"] == 0
+
+
+def test_a_killed_encoder_gets_no_job_after_the_first_failed_send(
+    tiny_model_dir, make_image, tmp_path
+):
+    """No 5-second window of 503s: the first send that finds no connection marks it down."""
+    args = ["--heartbeat", "1", "--encoder-dead-after", "30"]
+    with LocalCluster(tiny_model_dir, n_encoders=2, log_dir=tmp_path, language_args=args) as c:
+        c.kill("encoder-0")
+        t0 = time.monotonic()
+        results = [c.chat(image_body(make_image, seed=s), 20) for s in range(4)]
+        elapsed = time.monotonic() - t0
+        assert [s for s, _ in results] == [200] * 4, results
+        states = {e["id"]: e["state"] for e in c.health()["encoders"]}
+        assert states == {"encoder-0": "down", "encoder-1": "up"}, states
+        assert elapsed < 10, f"{elapsed:.1f} s: a job waited for the liveness limit"
