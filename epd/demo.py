@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         make_tiny_model(args.model)
     image = demo_image()
     body = {
-        "model": "tiny",
+        "model": args.model.resolve().name,  # the served name: the checkpoint directory's
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": data_url(image)}},
             {"type": "text", "text": QUESTION}]}],
