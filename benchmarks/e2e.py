@@ -6,20 +6,23 @@ PNG image (fixed-seed random pixels, as a data: URL) and a short text, ``max_tok
 ``ignore_eos``, from ``--concurrency`` closed-loop clients. Every response carries the server's
 breakdown in ``epd.timings``:
 
-    queue       EncodeRequest read by the encoder -> its preprocessing starts
-    preprocess  processor (image decode, resize, patches, prompt expansion)
-    vision      the ViT forward of the batch the request was in
-    grant_wait  ViT done -> block grant in hand (0 when the grant came first)
-    transfer    transport submit -> the transport reports the rows written
+    block_wait  language side: ttft starts -> receive blocks lent for every image of it
+                (0 unless the pool was full and the request queued for room)
+    queue       encoder: EncodeJob read -> its preprocessing starts (the encoder's queueing)
+    preprocess  encoder: image decode, resize, patches (grid checked against the job's)
+    vision      encoder: the ViT forward of the batch the image was in
+    transfer    encoder: transport submit -> the transport reports the rows written
+                (the four encoder phases are those of the request's slowest image)
     prefill     the language model's prefill up to the first token
     overhead    ttft - all of the above: orchestration (ZeroMQ hops, including the time a
                 message waits to be read; message coding, checksums, input building, the engine
                 hand-off and its wait for the engine's round; event-loop wake-ups)
 
 ``ttft`` is measured by the language server from the start of the request's orchestration (after
-the HTTP body is parsed and validated) to the first token. The client adds ``latency`` (request
-sent -> response parsed) and ``http`` (latency - ttft: HTTP, body parsing and validation, the
-response). Medians and p90 in milliseconds, throughput in requests/s.
+the HTTP body is parsed and validated and the prompt prepared: chat template, tokens, each
+image's grid from its header, positions) to the first token. The client adds ``latency``
+(request sent -> response parsed) and ``http`` (latency - ttft: HTTP, body parsing, validation
+and prompt preparation, the response). Medians and p90 in milliseconds, throughput in requests/s.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ import httpx
 from tqdm import tqdm
 
 # server-side phases, in request order; overhead = ttft - sum of the others
-SERVER_PHASES = ("queue", "preprocess", "vision", "grant_wait", "transfer", "prefill", "overhead")
+SERVER_PHASES = (
+    "block_wait", "queue", "preprocess", "vision", "transfer", "prefill", "overhead",
+)  # fmt: skip
 PHASES = ("ttft", *SERVER_PHASES)
 CLIENT = ("latency", "http")
 OVERHEAD_TARGET_MS = 5.0

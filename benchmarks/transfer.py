@@ -2,16 +2,32 @@
 
 For each payload (hidden size x visual tokens, bf16) it measures, in the same run:
 
-    mooncake      our path: AllocRequest -> AllocGrant -> batch write -> TransferDone -> ack
-    shm           our path over POSIX shared memory (same host)
-    *-granted     the same, with the clock started once the grant is here: the encode server
-                  asks for it before its ViT forward, so in serving it is usually waiting
+    mooncake      our path, through the servers' own code (flow v3, below), over Mooncake
+    shm           the same over POSIX shared memory (same host)
     raw-mooncake  Mooncake batch_transfer_sync_write of the same bytes (no control plane)
     zmq-pickle    SGLang-style: pickled metadata + tensor frames, receiver copies into a tensor
     zmq-zerocopy  pyzmq send(copy=False), receiver keeps the frames
     copy          single-thread tensor.copy_ in one process (the same-host limit)
 
-and reports GB/s (1e9 bytes/s; median and best over the repetitions).
+and reports GB/s (1e9 bytes/s; median and best over the repetitions). A second section, the
+fixed cost per job, sends a tiny payload (H=64 x 1 token) through our paths and reports the
+median and p90 in ms: what a job costs besides moving its bytes.
+
+Our paths run the code the servers run. The peer process is the language side: a
+``language_server.receiver.Receiver`` over ``MultimodalDataBuffers`` on the real transport
+receiver lends blocks (``admit``) and builds the ``EncodeJob`` (``job``), whose bytes come
+here over the control socket. This process is the encode side: it wraps the job in an
+``encode_server.jobs.Job`` holding the rows, as the ViT's split leaves it, and runs
+``encode_server.transfers.Transfers`` (``start_ready``, then ``poll``) with the real sender;
+between polls it waits with the sender's own ``wait`` (the encode server's loop waits on the
+sender's completion fd, or polls). ``Transfers`` reports the encoded ``TransferDone`` to the
+peer, whose ``Receiver.on_message`` checks lease, generation, row count and checksum and calls
+the request's ``on_ready``, which reads the clock. The timed region starts when this process
+has the job and its rows ready: in serving the job (blocks included) is what the encoder
+preprocesses and runs the ViT for, so it is always here before its rows are, and lending and
+the job's trip are not on the path from rows to use. It ends at that ``on_ready``
+(``time.perf_counter`` is CLOCK_MONOTONIC, shared by processes on one host), so the ack's trip
+back is not counted either.
 """
 
 from __future__ import annotations
@@ -34,15 +50,17 @@ import zmq
 from tqdm import tqdm
 
 import protocol as P
-from transfer import Destination, TransferState, make_sender, rows_checksum
+from encode_server.jobs import Job, Stage
+from encode_server.transfers import Transfers
+from transfer import make_sender
 
 WARMUP = 3
-BACKENDS = (
-    "mooncake", "shm", "raw-mooncake", "zmq-pickle", "zmq-zerocopy", "copy",
-    "mooncake-granted", "shm-granted",
-)  # fmt: skip
+BACKENDS = ("mooncake", "shm", "raw-mooncake", "zmq-pickle", "zmq-zerocopy", "copy")
+OURS = ("mooncake", "shm")
 FULL = {"hidden": (2048, 4096), "tokens": (256, 1024, 4096, 16384)}
 QUICK = {"hidden": (2048,), "tokens": (256, 1024, 4096)}
+FIXED = {"hidden": 64, "tokens": 1, "backends": ("mooncake", "shm", "raw-mooncake"), "warmup": 20}
+TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -56,6 +74,8 @@ class Row:
     gbps_best: float
     ms_median: float
     ms_rounds: list[float]  # one time per round, in round order (aligned across backends)
+    ms_p90: float = 0.0
+    kind: str = "throughput"  # or "fixed" (the fixed cost per job: a tiny payload)
 
 
 class Bench:
@@ -70,9 +90,26 @@ class Bench:
         self.bulk = ctx.socket(zmq.PAIR)
         self.bulk.connect(bulk)
         self._tracker: zmq.MessageTracker | None = None
-        self.senders = {"mooncake": make_sender("mooncake"), "shm": make_sender("shm")}
+        self.senders = {name: make_sender(name) for name in OURS}
+        self.transfers = {name: self._transfers(name) for name in OURS}
+        self.live: set[str] = set()  # keys of jobs that Transfers has not finished
+        self.reports = 0  # messages reported to the peer whose answers are not read yet
         self.targets: dict[str, tuple[str, int, int]] = {}
-        self.seq = 0
+
+    def _transfers(self, name: str) -> Transfers:
+        """``Transfers`` on ``name``'s sender; its callbacks do what the encode server's do."""
+        sender = self.senders[name]
+
+        def report(job: Job, msg: P.Message) -> None:
+            self.sock.send_multipart([b"msg", name.encode(), P.encode(msg)])
+            self.reports += 1
+
+        def finish(job: Job) -> None:
+            sender.release(job.key)
+            job.drop_tensors()
+            self.live.discard(job.key)
+
+        return Transfers(sender, TIMEOUT_S, report, finish)
 
     def call(self, *frames: bytes, copy: bool = True) -> bytes:
         self.sock.send_multipart(frames, copy=copy)
@@ -98,41 +135,49 @@ class Bench:
         args = {"hidden": hidden, "tokens": tokens, "dtype": "bfloat16"}
         self.targets = msgpack.unpackb(self.call(b"setup", msgpack.packb(args)))
 
-    def ours(self, name: str, e: torch.Tensor, d: torch.Tensor, granted: bool = False) -> float:
-        """One request end to end; returns its seconds, ending when the receiver verified it.
-
-        ``granted``: start the clock after the grant arrived (as when the encode server's
-        AllocRequest travels during its ViT forward), not before the AllocRequest.
-        """
+    def ours(self, name: str, e: torch.Tensor, d: torch.Tensor) -> float:
+        """One encode job through both servers' code; its seconds from "job and rows here" to
+        "rows verified and handed to ``on_ready``" on the language side (module docstring)."""
+        self.sock.send_multipart([b"lend", name.encode()])
+        answer = self.sock.recv_multipart()
+        if answer[0] != b"job":
+            raise RuntimeError(f"{name}: the receiver lent no blocks: {answer[-1].decode()}")
+        received = time.perf_counter()
+        job = Job(peer=b"bench", msg=P.decode_as(answer[1], P.EncodeJob), received_at=received)
+        job.marks["received"] = received
+        job.embeds, job.deepstack, job.stage = e, d, Stage.AWAIT_READY  # as the split leaves it
         t0 = time.perf_counter()
-        self.seq += 1
-        rid, n = f"bench-{self.seq}", e.shape[0]
-        ids = [0] * n
-        req = P.AllocRequest(
-            rid=rid, encoder_id="bench", n_tokens=n, hidden=e.shape[1], dtype="bfloat16",
-            input_ids=P.int32s(ids), positions=P.int32s([ids, ids, ids]),
-        )  # fmt: skip
-        grant = P.decode_as(self.call(b"ours", name.encode(), P.encode(req)), P.AllocGrant)
-        if granted:
-            t0 = time.perf_counter()
-        dest = Destination(
-            grant.session,
-            grant.block_tokens,
-            tuple(grant.embed_addrs),
-            tuple(grant.deepstack_addrs),
-        )
-        sender = self.senders[name]
-        sender.submit(rid, dest, e, d)
-        checksum = rows_checksum(e, d, grant.block_tokens)  # overlaps the transfer
-        state = sender.wait(rid, timeout_s=120)
-        sender.release(rid)
-        if state is not TransferState.DONE:
-            raise RuntimeError(f"{name} transfer ended {state}")
-        done = P.TransferDone(rid=rid, generation=grant.generation, n_tokens=n, checksum=checksum)
-        ack = msgpack.unpackb(self.call(b"ours", name.encode(), P.encode(done)))
-        if not ack["ok"]:
-            raise RuntimeError(f"{name}: receiver found corrupt data")
-        return float(ack["t"]) - t0
+        self._write(name, job)
+        acks = [self._ack() for _ in range(self.reports)]
+        self.reports = 0
+        bad = [a for a in acks if not a["ok"]]
+        if bad or not acks:
+            raise RuntimeError(f"{name}: {bad[0]['error'] if bad else 'nothing reported'}")
+        if acks[-1]["lent_blocks"]:
+            raise RuntimeError(f"{name}: {acks[-1]['lent_blocks']} blocks still lent after the job")
+        return float(acks[-1]["t"]) - t0
+
+    def _write(self, name: str, job: Job) -> None:
+        """Start the job's write and poll it until ``Transfers`` has reported its end."""
+        transfers, sender = self.transfers[name], self.senders[name]
+        self.live.add(job.key)
+        deadline = time.perf_counter() + TIMEOUT_S + 10
+        transfers.start_ready([job])
+        while job.key in self.live:
+            if job.stage is Stage.TRANSFERRING:
+                sender.wait(job.key, timeout_s=TIMEOUT_S)
+                sender.drain_completions()
+            elif job.stage is Stage.DRAINING:
+                time.sleep(1e-3)
+            transfers.poll([job])
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{name}: job {job.key} never ended")
+
+    def _ack(self) -> dict[str, Any]:
+        """The peer's answer to one reported message (messages it sent back are ignored: an
+        Abort only follows a failure, which the ack already says)."""
+        frames = self.sock.recv_multipart()
+        return msgpack.unpackb(frames[0])
 
     def raw(self, e: torch.Tensor, d: torch.Tensor) -> None:
         session, e_addr, d_addr = self.targets["mooncake"]
@@ -149,8 +194,15 @@ class Bench:
     def zmq_zerocopy(self, e: torch.Tensor, d: torch.Tensor) -> None:
         self.call_bulk(b"zcopy", _frame(e), _frame(d))
 
-    def close(self) -> None:
-        self.call(b"quit")
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Tell the peer to quit (also after a failed run: answers still unread are skipped;
+        a peer that is gone is not waited for beyond ``timeout_s``), then close everything."""
+        try:
+            self.sock.send(b"quit", zmq.NOBLOCK)
+            while self.sock.poll(int(timeout_s * 1000)) and self.sock.recv() != b"bye":
+                pass
+        except zmq.ZMQError:
+            pass  # the peer is gone
         for s in self.senders.values():
             s.close()
         self.sock.close(linger=0)
@@ -162,8 +214,16 @@ def _frame(t: torch.Tensor) -> memoryview:
 
 
 def measure(
-    bench: Bench, hidden: int, tokens: int, backends: list[str], budget_s: float, max_reps: int
+    bench: Bench,
+    hidden: int,
+    tokens: int,
+    backends: list[str],
+    budget_s: float,
+    max_reps: int,
+    kind: str = "throughput",
+    warmup: int = WARMUP,
 ):
+    """Yield one ``Row`` per backend for this payload, from interleaved rounds."""
     g = torch.Generator().manual_seed(hidden + tokens)
     e = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
     d = torch.randn(tokens, 3 * hidden, generator=g).to(torch.bfloat16)
@@ -178,20 +238,28 @@ def measure(
     fns: dict[str, Callable[[], float | None]] = {
         "mooncake": lambda: bench.ours("mooncake", e, d),
         "shm": lambda: bench.ours("shm", e, d),
-        "mooncake-granted": lambda: bench.ours("mooncake", e, d, granted=True),
-        "shm-granted": lambda: bench.ours("shm", e, d, granted=True),
         "raw-mooncake": lambda: bench.raw(e, d),
         "zmq-pickle": lambda: bench.zmq_pickle(e, d),
         "zmq-zerocopy": lambda: bench.zmq_zerocopy(e, d),
         "copy": copy,
     }
     after = {"zmq-pickle": bench.settle_bulk, "zmq-zerocopy": bench.settle_bulk}
-    times = _interleaved({b: fns[b] for b in backends}, budget_s, max_reps, after)
+    times = _interleaved({b: fns[b] for b in backends}, budget_s, max_reps, after, warmup)
     for name in backends:
-        med = statistics.median(times[name])
-        best = min(times[name])
-        yield Row(name, hidden, tokens, nbytes, len(times[name]), nbytes / med / 1e9,
-                  nbytes / best / 1e9, med * 1e3, [round(t * 1e3, 4) for t in times[name]])  # fmt: skip
+        ts = times[name]
+        med, best = statistics.median(ts), min(ts)
+        yield Row(name, hidden, tokens, nbytes, len(ts), nbytes / med / 1e9, nbytes / best / 1e9,
+                  med * 1e3, [round(t * 1e3, 4) for t in ts], round(_p90(ts) * 1e3, 4),
+                  kind)  # fmt: skip
+
+
+def _p90(values: list[float]) -> float:
+    """Linear-interpolated 90th percentile (numpy's default)."""
+    xs = sorted(values)
+    k = (len(xs) - 1) * 0.9
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 def _interleaved(
@@ -199,13 +267,14 @@ def _interleaved(
     budget_s: float,
     max_reps: int,
     after: dict[str, Callable[[], None]] | None = None,
+    warmup: int = WARMUP,
 ) -> dict[str, list[float]]:
     """Time every backend once per round, in a shuffled order each round.
 
     Drift, and the cost of following another backend (cold caches, an idle TCP connection),
     then hit all backends alike; ``after[name]`` runs untimed right after each call of
-    ``name`` (its clean-up, so that the next backend does not pay for it). Warm-up calls
-    first (connections, page faults). At least 3 rounds; then stop at ``max_reps`` rounds or
+    ``name`` (its clean-up, so that the next backend does not pay for it). ``warmup``
+    untimed rounds first (connections, page faults). At least 3 rounds; then stop at ``max_reps`` rounds or
     when the budget per backend is spent.
     """
     after = after or {}
@@ -218,7 +287,7 @@ def _interleaved(
             after[name]()
         return took
 
-    for _ in range(WARMUP):
+    for _ in range(warmup):
         for name in fns:
             run(name)
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -268,6 +337,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget", type=float, help="seconds per measurement after 3 reps (default 1.0, quick 0.4)"
     )
     p.add_argument("--max-reps", type=int, default=20, help="repetitions per measurement at most")
+    p.add_argument(
+        "--fixed-reps", type=int, default=300,
+        help="repetitions of the fixed-cost-per-job measurement at most (0: skip it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--torch-threads", type=int, default=1,
+        help="intra-op threads of this (encode-side) process; 0: torch's default. Default 1: "
+        "both processes share the host, as in the local cluster (the peer uses 1)",
+    )  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     p.add_argument("--plot", metavar="PATH.png", help="draw GB/s against payload size")
     p.add_argument(
@@ -279,32 +357,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     grid = QUICK if args.quick else FULL
     hiddens, tokens = args.hidden or grid["hidden"], args.tokens or grid["tokens"]
     budget = args.budget if args.budget is not None else (0.4 if args.quick else 1.0)
+    fixed = [b for b in FIXED["backends"] if b in args.backends] if args.fixed_reps > 0 else []
     port = args.port or _free_port()
     control, bulk = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{_free_port()}"
     peer = mp.get_context("spawn").Process(target=_peer_main, args=(control, bulk), daemon=True)
     peer.start()
     bench = Bench(control, bulk)
     rows: list[Row] = []
+    total = len(fixed) + len(hiddens) * len(tokens) * len(args.backends)
     try:
-        with tqdm(total=len(hiddens) * len(tokens) * len(args.backends), unit="run") as bar:
+        with tqdm(total=total, unit="run") as bar:
+            if fixed:
+                bar.set_description("fixed cost per job")
+                rows += measure(bench, FIXED["hidden"], FIXED["tokens"], fixed, budget,
+                                args.fixed_reps, "fixed", FIXED["warmup"])  # fmt: skip
+                bar.update(len(fixed))
             for hidden in hiddens:
                 for n in tokens:
                     bar.set_description(f"H={hidden} n={n}")
                     for row in measure(bench, hidden, n, args.backends, budget, args.max_reps):
                         rows.append(row)
                         bar.update()
-        bench.close()
     finally:
+        bench.close()
         peer.join(10)
         if peer.is_alive():
             peer.kill()
     from benchmarks import report
 
     print(report.table(rows, args.backends))
-    print("\n".join(report.ratios(rows)))
+    for line in (*report.ratios(rows), *report.fixed_cost(rows)):
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
