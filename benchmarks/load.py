@@ -4,6 +4,11 @@ N concurrent clients each send requests (images of a few sizes, some text-only) 
 request budget or the time budget runs out. Every request is accounted for: completed, or
 failed with its HTTP status (or a transport error). Reports p50/p99 latency, errors by kind
 and the pool's peak use, and checks that every block is free again at the end.
+
+With ``--hostile-every N`` one client in N sends only hostile bodies (lone surrogates next to an
+image, wrong types, unsupported fields, paths outside any allowed directory, an unknown model,
+deep nesting, broken JSON) for as long as the others run; each must get a 4xx while the others
+are served. The request budget counts the good requests only.
 """
 
 from __future__ import annotations
@@ -43,18 +48,50 @@ def _body(i: int, urls: list[str], max_tokens: int) -> dict:
             "temperature": 0, "ignore_eos": True}  # fmt: skip
 
 
+def hostile_bodies(image_url: str) -> list[bytes]:
+    """Request bodies every server must refuse with a 4xx (JSON escapes keep lone surrogates)."""
+
+    def chat(content, **extra) -> dict:
+        return {"messages": [{"role": "user", "content": content}], "max_tokens": 2, **extra}
+
+    image = {"type": "image_url", "image_url": {"url": image_url}}
+    bodies = [
+        chat([image, {"type": "text", "text": "look \ud800 here"}]),
+        chat("hi", stop=5),
+        chat("hi", seed=2**70),
+        chat("hi", temperature="hot"),
+        chat("hi", max_tokens=True),
+        chat("hi", logprobs=True),
+        chat("hi", n=2),
+        chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]),
+        chat("hi", model="no-such-model"),
+        {"messages": ["hi"]},
+        chat([{"type": "image", "image": image_url.split(",", 1)[1]}]),  # base64, no data:
+        chat([{"type": "image_url", "image_url": {"url": "/etc/shadow"}}]),
+        chat([{"type": "image_url", "image_url": {"url": "/" + "a" * 300}}]),
+    ]
+    return [json.dumps(b).encode() for b in bodies] + [b"[" * 50_000, b'{"messages": [']
+
+
 async def run_load(url: str, clients: int, requests: int, duration_s: float, max_tokens: int,
-                   sizes: list[tuple[int, int]], timeout_s: float) -> dict:  # fmt: skip
+                   sizes: list[tuple[int, int]], timeout_s: float,
+                   hostile_every: int = 0) -> dict:  # fmt: skip
     urls = _images(sizes)
+    hostile = hostile_bodies(urls[0])
     outcomes: list[tuple[str, float]] = []
+    bad: list[str] = []  # outcomes of hostile requests: "4xx" or what else came back
     next_id = 0
     deadline = time.monotonic() + duration_s
     peak = 0
     bar = tqdm(total=requests, unit="req", desc=f"{clients} clients")
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: httpx.AsyncClient, c: int) -> None:
         nonlocal next_id
+        hostile_client = hostile_every and c % hostile_every == hostile_every - 1
         while next_id < requests and time.monotonic() < deadline:
+            if hostile_client:  # until the good requests are done; not counted in them
+                bad.append(await _hostile(http, url, hostile[(c + len(bad)) % len(hostile)]))
+                continue
             i, next_id = next_id, next_id + 1
             t0 = time.perf_counter()
             try:
@@ -75,11 +112,28 @@ async def run_load(url: str, clients: int, requests: int, duration_s: float, max
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
         watcher = asyncio.create_task(watch(http))
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+        await asyncio.gather(*(client(http, c) for c in range(clients)))
         watcher.cancel()
         bar.close()
         health = await _settled(http, url)
-    return _summary(outcomes, next_id, clients, peak, health)
+    summary = _summary(outcomes, next_id, clients, peak, health)
+    kinds = Counter(bad)
+    summary["hostile"] = {"sent": len(bad), "rejected_4xx": kinds.pop("4xx", 0),
+                          "other": dict(kinds)}  # fmt: skip
+    return summary
+
+
+async def _hostile(http: httpx.AsyncClient, url: str, body: bytes) -> str:
+    try:
+        r = await http.post(url + "/v1/chat/completions", content=body,
+                            headers={"Content-Type": "application/json"})  # fmt: skip
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    try:
+        answered = isinstance(r.json()["error"]["message"], str)  # a JSON error body
+    except (ValueError, KeyError, TypeError):
+        answered = False
+    return "4xx" if 400 <= r.status_code < 500 and answered else f"http_{r.status_code}"
 
 
 def _error_kind(r: httpx.Response) -> str:
@@ -135,6 +189,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=120.0, help="seconds, at most")
     p.add_argument("--max-tokens", type=int, default=4, help="tokens generated per request")
     p.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (s)")
+    p.add_argument("--hostile-every", type=int, default=0, metavar="N",
+                   help="one client in N sends only hostile bodies (default 0: none)")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--log-dir", type=Path, default=Path("out/logs/bench-load"), help="server logs")
     return p.parse_args(argv)
@@ -144,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = [(64, 64), (96, 160), (224, 224), (128, 96)]
     run = lambda url: asyncio.run(run_load(url, args.clients, args.requests, args.duration,  # noqa: E731
-                                           args.max_tokens, sizes, args.timeout))  # fmt: skip
+                                           args.max_tokens, sizes, args.timeout,
+                                           args.hostile_every))  # fmt: skip
     if args.url:
         summary = run(args.url)
     else:
@@ -160,8 +217,11 @@ def main(argv: list[str] | None = None) -> int:
                           language_args=lang) as cluster:  # fmt: skip
             summary = run(cluster.url)
     print(json.dumps(summary, indent=1))
-    ok = summary["accounted"] == summary["sent"] and summary["all_blocks_free"]
+    hostile = summary["hostile"]
+    refused = hostile["rejected_4xx"] == hostile["sent"]
+    ok = summary["accounted"] == summary["sent"] and summary["all_blocks_free"] and refused
     print(f"every request accounted for: {summary['accounted']} of {summary['sent']}; "
+          f"hostile refused with 4xx: {hostile['rejected_4xx']} of {hostile['sent']}; "
           f"pool full again: {summary['all_blocks_free']} -> {'PASS' if ok else 'FAIL'}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

@@ -67,6 +67,7 @@ class LocalCluster:
     encoder_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 120.0
     torch_threads: int = 1  # several servers share this host: one intra-op thread each
+    media_dir: Path | None = None  # image paths the language server may read (None: none)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     encoder_ports: list[int] = field(default_factory=list)
     http_port: int = 0
@@ -101,6 +102,8 @@ class LocalCluster:
             "--transport", self.transport, "--torch-threads", str(self.torch_threads),
             *self.language_args,
         ]  # fmt: skip
+        if self.media_dir is not None:
+            cmd += ["--allowed-local-media-path", str(self.media_dir)]
         for port in self.encoder_ports:
             cmd += ["--encoder", f"tcp://127.0.0.1:{port}"]
         self._spawn("language", cmd)

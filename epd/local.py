@@ -70,14 +70,15 @@ class SplitPipeline:
     def tokenizer(self) -> Any:
         return self.builder.tokenizer
 
-    def prepare(self, messages: Any) -> PreparedPrompt:
+    def prepare(self, messages: Any, media_dir: Path | None = None) -> PreparedPrompt:
         """OpenAI-style messages -> the language side's prepared prompt (no pixel decoded).
 
         Image parts: ``{"type": "image_url", "image_url": {"url": URL}}`` or
-        ``{"type": "image", "image": PIL image | encoded bytes | URL}``; URL is a ``data:`` URL or
-        a local path. PIL images travel as PNG bytes. ValueError (``PromptError``) on bad input.
+        ``{"type": "image", "image": PIL image | encoded bytes | URL}``; URL is a ``data:`` URL or,
+        with ``media_dir`` (as the server's ``--allowed-local-media-path``), a path inside it.
+        PIL images travel as PNG bytes. ValueError (``PromptError``) on bad input.
         """
-        turns, images = to_turns(_with_urls(messages), ImageSourcePolicy())
+        turns, images = to_turns(_with_urls(messages), ImageSourcePolicy(local_root=media_dir))
         return self.builder.build(turns, images)
 
     def encode(self, messages: Any) -> EncodedPrompt:

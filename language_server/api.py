@@ -1,45 +1,76 @@
-"""OpenAI-compatible HTTP API: /v1/chat/completions (JSON or SSE), /v1/models, /health, /metrics."""
+"""OpenAI-compatible HTTP API: /v1/chat/completions (JSON or SSE), /v1/models, /health, /metrics.
+
+Every answer is JSON, errors included: a ``RequestError`` carries its status (400 a malformed or
+unsupported field, named in the message; 404 an unknown model; 413 too large; 503 busy; ...);
+anything else is our bug and a JSON 500. The body is read under a bound (``--max-body-bytes``)
+before anything parses it, and parsing runs on a worker thread (``ChatService.prepare``), so the
+event loop stays free. A client that goes away cancels its request (499 in the metrics).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from language_server.chat_request import ChatRequest
 from language_server.metrics import Metrics
 from language_server.requests import RequestError
 from language_server.service import ChatService, Running
-from language_server.text import Detokenizer
+from language_server.text import Detokenizer, StopStrings
+
+log = logging.getLogger("epd.language.api")
+CLIENT_GONE = 499  # nginx's "client closed request": counted, never seen by the client
+T = TypeVar("T")
 
 
 def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> FastAPI:
     app = FastAPI(title="epd language server", lifespan=lifespan)
-    name = service.config.model_name
+    config = service.config
+    names, name, limit = config.model_names, config.model_name, config.body_limit
 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         metrics.requests.labels(status=str(exc.status)).inc()
         return _error(exc.status, exc.message, exc.retry_after_s)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))  # unknown route, wrong method
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:  # uvicorn logs the traceback
+        metrics.requests.labels(status="500").inc()
+        return _error(500, f"internal server error ({type(exc).__name__}); see the server log")
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req = await service.prepare(await request.body())
-        run = await service.start(req)
+        req = await _prepare(service, await _read_body(request, limit))
+        if req.model is not None and req.model not in names:  # as vLLM answers
+            metrics.requests.labels(status="404").inc()
+            shown = req.model if len(req.model) <= 256 else req.model[:256] + "..."
+            return _error(404, f"The model `{shown}` does not exist.", param="model")
+        run = await _unless_gone(request, service.start(req))
         if req.stream:
             return StreamingResponse(
                 _sse(service, metrics, run, name), media_type="text/event-stream"
             )
-        return JSONResponse(await _complete(service, metrics, run, name))
+        return JSONResponse(await _unless_gone(request, _complete(service, metrics, run, name)))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "epd"}]}
+        cards = [{"id": n, "object": "model", "owned_by": "epd", "root": name} for n in names]
+        return {"object": "list", "data": cards}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -79,43 +110,88 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
     return app
 
 
-def _error(status: int, message: str, retry_after_s: float = 0.0) -> JSONResponse:
+def _error(
+    status: int, message: str, retry_after_s: float = 0.0, param: str | None = None
+) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(retry_after_s)))} if retry_after_s else None
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "code": status}}
+    kind = {404: "NotFoundError"}.get(status, "invalid_request_error" if status < 500
+                                      else "server_error")  # fmt: skip
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it is known to exceed ``limit`` bytes: from
+    Content-Length before reading, else while counting the stream."""
+    too_big = RequestError(413, f"request body larger than {limit} bytes (--max-body-bytes)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdecimal() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_big
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise RequestError(CLIENT_GONE, "client closed the request") from None
+    return b"".join(chunks)
+
+
+async def _prepare(service: ChatService, body: bytes) -> ChatRequest:
+    try:
+        return await service.prepare(body)
+    except RecursionError:  # json.loads of very deep nesting
+        raise RequestError(400, "the request body nests too deeply") from None
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """``await work``, cancelled (``RequestError`` 499) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():  # the client went away (or this handler is being cancelled)
+            task.cancel()
+            await asyncio.wait((task,))  # its cleanup (job cancelled, blocks back) runs now
+    if task.cancelled():
+        raise RequestError(CLIENT_GONE, "client closed the request")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body was read already; nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _generate(service: ChatService, run: Running, ids: list[int]) -> AsyncIterator[str]:
     """Text deltas with stop strings applied; appends the generated token ids to ``ids``.
 
-    At a stop string the job is cancelled (closing ``service.tokens`` does that).
+    The streamed and the whole answer are the same text: text that may still begin a stop
+    string is held back until the next tokens decide. At a stop string the job is cancelled
+    (closing ``service.tokens`` does that).
     """
-    detok = Detokenizer(service.tokenizer)
-    stops = run.request.stop
+    detok, stops = Detokenizer(service.tokenizer), StopStrings(run.request.stop)
     async with contextlib.aclosing(service.tokens(run)) as tokens:
         async for token in tokens:
             ids.append(token)
-            delta, stopped = _cut(detok.push(token), detok.text, stops)
-            if delta:
+            detok.push(token)
+            if delta := stops.feed(detok.text):
                 yield delta
-            if stopped:
+            if stops.stopped:
                 run.request.timings["finish_reason"] = "stop"
                 return
-    delta, stopped = _cut(detok.flush(), detok.text, stops)
-    if stopped:
+    detok.flush()
+    delta = stops.feed(detok.text, final=True)
+    if stops.stopped:
         run.request.timings["finish_reason"] = "stop"
     if delta:
         yield delta
-
-
-def _cut(delta: str, text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """``delta`` (the end of ``text``) cut before the first stop string in ``text``."""
-    hits = [text.find(s) for s in stops if s in text]
-    if not hits:
-        return delta, False
-    keep = len(delta) - (len(text) - min(hits))
-    return delta[: max(0, keep)], True
 
 
 def _finish(metrics: Metrics, run: Running, ids: list[int]) -> dict[str, Any]:
@@ -160,21 +236,36 @@ async def _sse(
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
         return f"data: {json.dumps({**base, 'choices': [choice], **extra})}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
-    ids: list[int] = []
+    outcome = str(CLIENT_GONE)  # unless the stream ends otherwise
     try:
-        async for delta in _generate(service, run, ids):
-            yield chunk({"content": delta})
-    except RequestError as exc:
-        metrics.requests.labels(status=str(exc.status)).inc()
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'code': exc.status}})}\n\n"
-        return
-    usage = _finish(metrics, run, ids)
-    extra = {"epd": {"token_ids": ids, "timings": _public(req.timings)}}
-    yield chunk({}, req.timings.get("finish_reason", "stop"), **extra)
-    if req.include_usage:
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
-    yield "data: [DONE]\n\n"
+        yield chunk({"role": "assistant", "content": ""})
+        ids: list[int] = []
+        try:
+            async for delta in _generate(service, run, ids):
+                yield chunk({"content": delta})
+        except RequestError as exc:
+            outcome = str(exc.status)
+            yield _sse_error(exc.status, exc.message)
+            return
+        except Exception as exc:  # our bug, after the 200 went out: say so in the stream
+            log.exception("request %s: streaming failed", req.rid)
+            outcome = "500"
+            yield _sse_error(500, f"internal server error ({type(exc).__name__})")
+            return
+        usage = _finish(metrics, run, ids)
+        outcome = ""  # counted as 200 by _finish
+        extra = {"epd": {"token_ids": ids, "timings": _public(req.timings)}}
+        yield chunk({}, req.timings.get("finish_reason", "stop"), **extra)
+        if req.include_usage:
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if outcome:
+            metrics.requests.labels(status=outcome).inc()
+
+
+def _sse_error(status: int, message: str) -> str:
+    return f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
 
 
 def _public(timings: dict[str, Any]) -> dict[str, Any]:

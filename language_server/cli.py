@@ -25,9 +25,9 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
     p.add_argument("--port", type=int, default=d["port"].default, help="HTTP port")
     p.add_argument("--encoder", action="append", default=[], metavar="ADDR",
                    help="an encode server, tcp://HOST:PORT (repeat for several)")  # fmt: skip
-    p.add_argument(
-        "--served-model-name", default="", help="model id in the API (default: dir name)"
-    )
+    p.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                   help="model names the API answers to; the first is the one reported "
+                   "(default: the checkpoint directory's name); any other model gets 404")  # fmt: skip
     p.add_argument("--engine", default="transformers", choices=["transformers", "sglang"],
                    help="generation engine: the transformers reference, or SGLang in process")  # fmt: skip
     p.add_argument("--sglang-args", default="", metavar="JSON",
@@ -64,8 +64,16 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    help="visual tokens of one image at most")  # fmt: skip
     p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"].default,
                    help="prompt tokens at most (after image expansion)")  # fmt: skip
+    p.add_argument("--max-image-bytes", type=int, default=d["max_image_bytes"].default,
+                   help="bytes of one encoded image (data: URL payload or file) at most")  # fmt: skip
+    p.add_argument("--max-body-bytes", type=int, default=d["max_body_bytes"].default,
+                   help="bytes of one HTTP request body at most, 413 beyond (default 0: room "
+                   "for --max-images images of --max-image-bytes in base64, at most 64 MiB)")  # fmt: skip
+    p.add_argument("--allowed-local-media-path", type=Path, default=None, metavar="DIR",
+                   help="read image paths and file:// URLs, only inside DIR (symlinks and .. "
+                   "resolved first); without it local paths are refused")  # fmt: skip
     p.add_argument("--no-local-images", action="store_true",
-                   help="refuse image paths on this host; only data: URLs")  # fmt: skip
+                   help="accepted for old scripts; local paths are off by default now")  # fmt: skip
     p.add_argument("--curve-keys", type=Path, default=None,
                    help="secret CURVE certificate of this server (from epd-keys); with "
                    "--curve-server-key it authenticates and encrypts the control plane")  # fmt: skip
@@ -76,10 +84,12 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    "set 1 when several servers share a small host")  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
+    if a.no_local_images and a.allowed_local_media_path is not None:
+        p.error("--no-local-images contradicts --allowed-local-media-path")
     try:
         return LanguageConfig(
             model=a.model, encoders=tuple(a.encoder), host=a.host, port=a.port,
-            served_model_name=a.served_model_name, engine=a.engine, sglang_args=a.sglang_args, transport=a.transport,
+            served_model_name=tuple(a.served_model_name), engine=a.engine, sglang_args=a.sglang_args, transport=a.transport,
             mooncake_protocol=a.mooncake_protocol, mooncake_device=a.mooncake_device,
             advertise_host=a.advertise_host, device=a.device, dtype=a.dtype,
             num_blocks=a.num_blocks, block_tokens=a.block_tokens,
@@ -88,7 +98,8 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
             max_image_tokens=a.max_image_tokens, max_inflight=a.max_inflight, heartbeat_s=a.heartbeat,
             encoder_dead_after_s=a.encoder_dead_after, request_timeout_s=a.request_timeout,
             max_images=a.max_images, max_prompt_tokens=a.max_prompt_tokens,
-            allow_local_images=not a.no_local_images, log_level=a.log_level,
+            max_image_bytes=a.max_image_bytes, max_body_bytes=a.max_body_bytes,
+            allowed_local_media_path=a.allowed_local_media_path, log_level=a.log_level,
             torch_threads=a.torch_threads, curve_keys=a.curve_keys, curve_server_key=a.curve_server_key,
         )  # fmt: skip
     except ValueError as exc:

@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol.chat import ImageSourcePolicy
+from protocol.messages import MAX_IMAGE_BYTES, MAX_IMAGES
 from transfer import BACKENDS, DTYPES
 from transfer.registry import advertised_host, endpoint_options
 
 ENGINES = ("transformers", "sglang")
+DEFAULT_MAX_BODY_BYTES = 64 << 20  # the automatic HTTP body limit never exceeds this
+ENCODER_IMAGE_BYTES = 32 << 20  # what an encoder accepts per image (encode_server ImageLimits);
+# below MAX_IMAGE_BYTES, so one image always fits one EncodeJob
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +22,8 @@ class LanguageConfig:
     encoders: tuple[str, ...] = ()  # tcp://host:port of each encode server
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_name: str = ""  # default: the checkpoint directory's name
+    served_model_name: tuple[str, ...] = ()  # names the API answers to; the first is reported
+    # (default: the checkpoint directory's name)
     engine: str = "transformers"  # or "sglang" (SGLang's engine in process)
     sglang_args: str = ""  # JSON object of extra sglang ServerArgs, e.g. {"tp_size": 8}
     transport: str = "mooncake"
@@ -41,7 +47,9 @@ class LanguageConfig:
     max_images: int = 16
     max_image_pixels: int = 64 * 1024 * 1024  # width x height of one image (from its header)
     max_image_tokens: int = 16384  # visual tokens of one image
-    allow_local_images: bool = True
+    max_image_bytes: int = 32 << 20  # one encoded image (data: URL payload or file)
+    max_body_bytes: int = 0  # HTTP body; 0: room for max_images images in base64, <= 64 MiB
+    allowed_local_media_path: Path | None = None  # local image paths are read only under it
     curve_keys: Path | None = None  # this server's secret certificate (CURVE on when set)
     curve_server_key: Path | None = None  # the encoders' public certificate
     torch_threads: int = 0  # 0: torch's default
@@ -61,6 +69,18 @@ class LanguageConfig:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
         if min(self.num_blocks, self.block_tokens, self.max_images) < 1:
             raise ValueError("--num-blocks, --block-tokens and --max-images must be >= 1")
+        if self.max_images > MAX_IMAGES:
+            raise ValueError(f"--max-images must be <= {MAX_IMAGES} (the protocol's limit)")
+        if not 1 <= self.max_image_bytes <= min(ENCODER_IMAGE_BYTES, MAX_IMAGE_BYTES):
+            raise ValueError(f"--max-image-bytes must be 1..{ENCODER_IMAGE_BYTES} (what an "
+                             "encoder accepts for one image)")  # fmt: skip
+        if self.max_body_bytes != 0 and self.max_body_bytes < 1024:
+            raise ValueError("--max-body-bytes must be >= 1024 (or 0: automatic)")
+        if not all(self.served_model_name):
+            raise ValueError("--served-model-name: names must not be empty")
+        root = self.allowed_local_media_path
+        if root is not None and not root.resolve().is_dir():
+            raise ValueError(f"--allowed-local-media-path {root} is not a directory")
         if self.max_waiting_allocs < 0:
             raise ValueError("--max-waiting-allocs must be >= 0")
         if self.max_inflight < 1 or self.alloc_wait_s < 0:
@@ -71,8 +91,27 @@ class LanguageConfig:
             raise ValueError("timeouts must be > 0")
 
     @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name a request's ``model`` may use; the first is the one reported."""
+        return self.served_model_name or (self.model.resolve().name,)
+
+    @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model.resolve().name
+        return self.model_names[0]
+
+    @property
+    def body_limit(self) -> int:
+        """Bytes of one HTTP request body: ``max_images`` images of ``max_image_bytes`` as
+        base64 plus 1 MiB of text, at most 64 MiB, unless ``--max-body-bytes`` says otherwise.
+        Each image still goes to an encoder on its own (``max_image_bytes`` fits one job)."""
+        if self.max_body_bytes:
+            return self.max_body_bytes
+        images = self.max_images * (4 * -(-self.max_image_bytes // 3))
+        return min(DEFAULT_MAX_BODY_BYTES, images + (1 << 20))
+
+    def image_policy(self) -> ImageSourcePolicy:
+        return ImageSourcePolicy(max_images=self.max_images, max_bytes=self.max_image_bytes,
+                                 local_root=self.allowed_local_media_path)  # fmt: skip
 
     @property
     def dead_writer_wait_s(self) -> float:

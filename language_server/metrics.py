@@ -11,7 +11,13 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("epd_requests", "Chat requests by outcome", ["status"], registry=r)
+        self.requests = Counter(
+            "epd_requests",
+            "Chat requests by HTTP status (499: the client went "
+            "away and its generation was cancelled)",
+            ["status"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "epd_ttft_seconds", "Time to first token", buckets=_LATENCY, registry=r
         )

@@ -108,6 +108,16 @@ class PromptBuilder:
         self._rope = _RopeIndex(config)
         self.image_token_id = config.image_token_id
         self._vision_ids = _vision_token_ids(processor.tokenizer, config)
+        # No token is longer than this many UTF-8 bytes, so a text of B bytes has at least
+        # B / this many tokens: a prompt that long is refused before tokenizing it (a 10 MB
+        # prompt would otherwise hold the GIL for about a second while its ids become tensors).
+        self._max_token_bytes = (
+            max(
+                len(processor.tokenizer.convert_tokens_to_string([t]).encode())
+                for t in processor.tokenizer.get_vocab()
+            )
+            or 1
+        )
         self.merge_size = int(self._images.merge_size)
         if self.merge_size != config.vision_config.spatial_merge_size:  # type: ignore[union-attr]
             raise ValueError("the image processor's merge_size differs from the model's")
@@ -174,7 +184,14 @@ class PromptBuilder:
         text = self.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+        least = len(text.encode("utf-8", "surrogatepass")) // self._max_token_bytes
+        if least > self.limits.max_prompt_tokens:
+            raise PromptError(f"prompt has at least {least} tokens, the limit is "
+                              f"{self.limits.max_prompt_tokens}", 400)  # fmt: skip
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.limits.max_prompt_tokens:  # before any tensor is built
+            raise PromptError(f"prompt has {len(ids)} tokens, the limit is "
+                              f"{self.limits.max_prompt_tokens}", 400)  # fmt: skip
         ids = torch.tensor(ids, dtype=torch.long)
         image_pad, video_pad, start, end = (int((ids == t).sum()) for t in self._vision_ids)
         if (image_pad, video_pad, start, end) != (n_images, 0, n_images, n_images):

@@ -24,7 +24,6 @@ from language_server.engine import EngineBase, GenJob
 from language_server.prompt import PromptBuilder, PromptError
 from language_server.receiver import Receiver
 from language_server.requests import ReceivedPrompt, RequestError
-from protocol.chat import ImageSourcePolicy
 
 log = logging.getLogger("epd.language")
 
@@ -46,9 +45,7 @@ class ChatService:
         self.tokenizer = builder.tokenizer
         self.receiver, self.encoders = receiver, encoders
         self.dispatcher = Dispatcher(receiver, encoders, config.request_timeout_s)
-        self.policy = ImageSourcePolicy(
-            max_images=config.max_images, allow_local_files=config.allow_local_images
-        )
+        self.policy = config.image_policy()  # local paths only under --allowed-local-media-path
         self.stop_ids = stop_token_ids(self.tokenizer)
         self._active: set[str] = set()  # request ids from start() until their job ends
 

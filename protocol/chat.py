@@ -1,74 +1,151 @@
 """OpenAI-style chat messages <-> validated ``ChatTurn`` parts plus image bytes, decoding no image.
 
 The language server (the front door) turns the client's messages into ``ChatTurn`` parts plus
-the raw bytes of each image (from a ``data:`` URL or a local file); its prompt builder turns
-them back into messages for the chat template, and each image's bytes go to an encoder as one
-job. Remote URLs are never fetched. Every rejection is a
-``ValueError`` whose message says what was wrong, fit for an HTTP 400.
+the raw bytes of each image (from a ``data:`` URL, or a local file when the policy names a
+directory); its prompt builder turns them back into messages for the chat template, and each
+image's bytes go to an encoder as one job. Remote URLs are never fetched. Every rejection is a
+``ValueError`` whose message names the field and says what was wrong, fit for an HTTP 400.
+
+Local paths are untrusted input too: they are read only under ``ImageSourcePolicy.local_root``
+(after resolving symlinks and ``..``), and every refused path gets the same message, so an
+answer never tells whether a file exists.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from protocol.messages import MAX_IMAGE_BYTES, MAX_IMAGES, ChatTurn, ContentPart
+from protocol.messages import MAX_IMAGE_BYTES, MAX_IMAGES, MAX_TEXT, ChatTurn, ContentPart
 
 ROLES = ("system", "user", "assistant")
+MAX_PARTS = 256  # content parts of one message (ChatTurn.parts)
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 
 
 @dataclass(frozen=True)
 class ImageSourcePolicy:
-    """Where image bytes may come from and how many: ``local_root`` confines file paths."""
+    """Where image bytes may come from and how many.
+
+    Local paths are read only when ``local_root`` is set (and ``allow_local_files`` is left on),
+    and only inside that directory; relative paths are relative to it.
+    """
 
     max_images: int = 16
     max_bytes: int = 32 << 20
-    allow_local_files: bool = True
     local_root: Path | None = None
+    allow_local_files: bool = True  # False refuses every path even with a root
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_images <= MAX_IMAGES or not 1 <= self.max_bytes <= MAX_IMAGE_BYTES:
             raise ValueError(f"max_images must be 1..{MAX_IMAGES}, max_bytes 1..{MAX_IMAGE_BYTES}")
+        if self.local_root is not None:
+            root = Path(self.local_root).resolve()
+            if not root.is_dir():
+                raise ValueError(f"the allowed local media path {root} is not a directory")
+            object.__setattr__(self, "local_root", root)
+
+    @property
+    def reads_files(self) -> bool:
+        return self.local_root is not None and self.allow_local_files
 
 
-def data_url_bytes(url: str, max_bytes: int) -> bytes:
+def refused_path_message(where: str, policy: ImageSourcePolicy) -> str:
+    """The one answer for every refused path: it does not depend on the path."""
+    return (
+        f"{where}: image path refused. This server reads local images only when started with "
+        f"--allowed-local-media-path, and only readable files of at most {policy.max_bytes} "
+        "bytes inside that directory; send the image as a data:image/<type>;base64,<payload> URL"
+    )
+
+
+def data_url_bytes(url: str, max_bytes: int, where: str = "image") -> bytes:
     """The payload of ``data:image/<type>;base64,<payload>``."""
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
-        raise ValueError("data URL must look like data:image/<type>;base64,<payload>")
+        raise ValueError(f"{where}: a data URL must look like data:image/<type>;base64,<payload>")
     if len(payload) > max_bytes * 4 // 3 + 4:
-        raise ValueError(f"image data larger than {max_bytes} bytes")
+        raise ValueError(f"{where}: image data larger than {max_bytes} bytes")
     try:
-        return base64.b64decode(payload, validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"image data URL is not valid base64: {exc}") from None
+        raise ValueError(f"{where}: image data URL is not valid base64: {exc}") from None
+    if not 1 <= len(data) <= max_bytes:
+        raise ValueError(f"{where}: image data must be 1..{max_bytes} bytes, got {len(data)}")
+    return data
 
 
-def file_bytes(path_str: str, policy: ImageSourcePolicy) -> bytes:
-    """The bytes of a local image file, within the policy's root and size limit."""
-    if not policy.allow_local_files:
-        raise ValueError("local image paths are not accepted by this server")
-    path = Path(path_str.removeprefix("file://")).expanduser().resolve()
-    if policy.local_root is not None and not path.is_relative_to(policy.local_root.resolve()):
-        raise ValueError(f"image path {path_str!r} is outside the allowed directory")
-    if not path.is_file():
-        raise ValueError(f"image path {path_str!r} is not a readable file")
-    if path.stat().st_size > policy.max_bytes:
-        raise ValueError(f"image file larger than {policy.max_bytes} bytes")
-    return path.read_bytes()
+def file_bytes(path_str: str, policy: ImageSourcePolicy, where: str = "image") -> bytes:
+    """The bytes of a local image file inside the policy's root, within its size limit.
+
+    ``path_str`` is a path (relative ones are relative to the root) or a ``file://`` URL. Any
+    refusal (paths off, outside the root, missing, not a regular file, unreadable, too big,
+    too long a name) raises the same ``ValueError``.
+    """
+    data = None
+    if policy.reads_files:
+        assert policy.local_root is not None
+        try:
+            data = _read_confined(policy.local_root, _as_path(path_str), policy.max_bytes)
+        except (OSError, ValueError, RuntimeError):  # RuntimeError: a symlink loop (3.11)
+            data = None
+    if data is None:
+        raise ValueError(refused_path_message(where, policy))
+    return data
 
 
-def source_bytes(url: str, policy: ImageSourcePolicy) -> bytes:
-    """Bytes behind an image URL: ``data:`` URLs and local paths only."""
+def _as_path(ref: str) -> str:
+    if not ref.startswith("file://"):
+        return ref
+    url = urlsplit(ref)
+    if url.netloc not in ("", "localhost"):
+        raise ValueError("a file URL on another host")
+    return unquote(url.path, errors="strict")
+
+
+def _read_confined(root: Path, raw: str, max_bytes: int) -> bytes | None:
+    """``root / raw`` if it resolves inside ``root`` to a regular file of 1..max_bytes bytes."""
+    if not raw or len(raw) > MAX_PATH_CHARS:
+        return None
+    path = (root / raw).resolve(strict=True)  # symlinks and ".." resolved
+    if not path.is_relative_to(root):
+        return None
+    # O_NOFOLLOW: the last component cannot have become a symlink since; O_NONBLOCK: a FIFO
+    # does not block the open (it is refused below as not a regular file).
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            return None
+        data = f.read(max_bytes + 1)
+    return data if 1 <= len(data) <= max_bytes else None
+
+
+def source_bytes(url: str, policy: ImageSourcePolicy, where: str = "image") -> bytes:
+    """Bytes behind an image URL: ``data:`` URLs, and local paths when the policy allows."""
     if url.startswith("data:"):
-        return data_url_bytes(url, policy.max_bytes)
+        return data_url_bytes(url, policy.max_bytes, where)
     if "://" in url and not url.startswith("file://"):
-        scheme = url.split("://", 1)[0][:16]
-        raise ValueError(f"image URL scheme {scheme!r} is not accepted (use data: or a file path)")
-    return file_bytes(url, policy)
+        scheme = ascii(url.split("://", 1)[0][:16])
+        raise ValueError(f"{where}: image URL scheme {scheme} is not accepted (use data:)")
+    return file_bytes(url, policy, where)
+
+
+def check_text(value: str, where: str) -> str:
+    """``value`` if it is valid Unicode (no lone surrogate such as a JSON ``"\\ud800"``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{where} is not valid Unicode: it holds a lone surrogate at character {exc.start}"
+        ) from None
+    return value
 
 
 def to_turns(messages: Any, policy: ImageSourcePolicy) -> tuple[list[ChatTurn], list[bytes]]:
@@ -78,20 +155,33 @@ def to_turns(messages: Any, policy: ImageSourcePolicy) -> tuple[list[ChatTurn], 
     turns: list[ChatTurn] = []
     images: list[bytes] = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}] must be an object with role in {ROLES}")
-        content = message.get("content")
-        if isinstance(content, str):
-            parts = [ContentPart(kind="text", text=content)]
-        elif isinstance(content, list):
-            parts = [
-                _part(p, f"messages[{i}].content[{j}]", images, policy)
-                for j, p in enumerate(content)
-            ]
-        else:
-            raise ValueError(f"messages[{i}].content must be a string or a list of parts")
-        turns.append(ChatTurn(role=message["role"], parts=parts))
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be an object with a role and a content")
+        role = message.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise ValueError(f"{where}.role must be one of {ROLES}")
+        parts = _parts(message.get("content"), where, images, policy)
+        turns.append(ChatTurn(role=role, parts=parts))  # type: ignore[arg-type]  # checked above
     return turns, images
+
+
+def _parts(
+    content: Any, where: str, images: list[bytes], policy: ImageSourcePolicy
+) -> list[ContentPart]:
+    if isinstance(content, str):
+        return [ContentPart(kind="text", text=_text(content, f"{where}.content"))]
+    if not isinstance(content, list):
+        raise ValueError(f"{where}.content must be a string or a list of parts")
+    if len(content) > MAX_PARTS:
+        raise ValueError(f"{where}.content has {len(content)} parts, at most {MAX_PARTS}")
+    return [_part(p, f"{where}.content[{j}]", images, policy) for j, p in enumerate(content)]
+
+
+def _text(value: str, where: str) -> str:
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"{where} has {len(value)} characters, at most {MAX_TEXT}")
+    return check_text(value, where)
 
 
 def _part(part: Any, where: str, images: list[bytes], policy: ImageSourcePolicy) -> ContentPart:
@@ -101,7 +191,7 @@ def _part(part: Any, where: str, images: list[bytes], policy: ImageSourcePolicy)
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise ValueError(f"{where}.text must be a string")
-        return ContentPart(kind="text", text=part["text"])
+        return ContentPart(kind="text", text=_text(part["text"], f"{where}.text"))
     if kind in ("image_url", "image"):
         ref = part.get(kind)
         url = ref.get("url") if isinstance(ref, dict) else ref
@@ -109,9 +199,10 @@ def _part(part: Any, where: str, images: list[bytes], policy: ImageSourcePolicy)
             raise ValueError(f"{where}.{kind} must carry a URL string")
         if len(images) >= policy.max_images:
             raise ValueError(f"too many images: more than {policy.max_images} in one request")
-        images.append(source_bytes(url, policy))
+        images.append(source_bytes(url, policy, f"{where}.{kind}"))
         return ContentPart(kind="image", image=len(images) - 1)
-    raise ValueError(f"{where}.type must be 'text', 'image_url' or 'image', got {kind!r}")
+    shown = ascii(kind)[:40]
+    raise ValueError(f"{where}.type must be 'text', 'image_url' or 'image', got {shown}")
 
 
 def to_messages(turns: list[ChatTurn], images: list[Any]) -> list[dict[str, Any]]:

@@ -20,11 +20,12 @@ def data_url(image) -> str:
 def cluster(tiny_model_dir, tmp_path_factory):
     """Two encode servers and one language server (mooncake over TCP), small blocks, and a
     staging arena of four 16-row chunks: concurrent jobs wait for room in it, and the long
-    image (70 rows) is larger than all of it (fresh memory)."""
+    image (70 rows) is larger than all of it (fresh memory). Image paths are read from
+    ``cluster.media_dir`` only."""
     logs = tmp_path_factory.mktemp("cluster-logs")
     with LocalCluster(
         tiny_model_dir, n_encoders=2, transport="mooncake", log_dir=logs,
         language_args=["--num-blocks", "64", "--block-tokens", "16"],
-        encoder_args=["--staging-tokens", "64"],
+        encoder_args=["--staging-tokens", "64"], media_dir=tmp_path_factory.mktemp("media"),
     ) as c:  # fmt: skip
         yield c

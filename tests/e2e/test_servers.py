@@ -44,7 +44,7 @@ def _content(spec, make_image, as_path=None):
 
 
 def _body(content, **extra):
-    return {"model": "tiny", "messages": [{"role": "user", "content": content}],
+    return {"messages": [{"role": "user", "content": content}],
             "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True, **extra}  # fmt: skip
 
 
@@ -65,10 +65,8 @@ def _monolithic_tokens(monolithic, content):
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))
-def test_served_greedy_tokens_equal_monolithic(
-    name, cluster, monolithic, encoder, make_image, tmp_path
-):
-    ours, theirs = _content(PROMPTS[name], make_image, as_path=tmp_path)
+def test_served_greedy_tokens_equal_monolithic(name, cluster, monolithic, encoder, make_image):
+    ours, theirs = _content(PROMPTS[name], make_image, as_path=cluster.media_dir)
     status, reply = cluster.chat(_body(ours))
     assert status == 200, reply
     expected = _monolithic_tokens(monolithic, theirs)
@@ -122,16 +120,17 @@ def test_streaming_equals_non_streaming(cluster, make_image):
 def test_openai_client_library(cluster, make_image):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused")
-    assert [m.id for m in client.models.list().data] == [cluster.health()["model"]]
+    model = cluster.health()["model"]
+    assert [m.id for m in client.models.list().data] == [model]
     content, _ = _content([(80, 80, 8)], make_image)
     reply = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": content}], max_tokens=4,
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=4,
         temperature=0, extra_body={"ignore_eos": True},
     )  # fmt: skip
     assert reply.usage.completion_tokens == 4
     assert reply.choices[0].finish_reason == "length"
     stream = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
         stream=True, extra_body={"ignore_eos": True},
     )  # fmt: skip
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]

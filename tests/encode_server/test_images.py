@@ -85,7 +85,7 @@ def test_data_url_file_path_and_file_url_are_accepted(tmp_path, make_image, enco
     url = "data:image/png;base64," + base64.b64encode(data).decode()
     messages = _user(_url_part(url), _url_part(str(path)), {"type": "image", "image": f"file://{path}"},
                      {"type": "text", "text": "hi"})  # fmt: skip
-    turns, images = to_turns(messages, POLICY)
+    turns, images = to_turns(messages, ImageSourcePolicy(local_root=tmp_path))
     assert [p.kind for p in turns[0].parts] == ["image"] * 3 + ["text"]
     assert [p.image for p in turns[0].parts[:3]] == [0, 1, 2]
     assert images == [data] * 3
@@ -100,7 +100,7 @@ def test_data_url_file_path_and_file_url_are_accepted(tmp_path, make_image, enco
         ("http://example.com/cat.png", "scheme 'http'"),
         ("https://example.com/cat.png", "scheme 'https'"),
         ("ftp://example.com/cat.png", "scheme 'ftp'"),
-        ("/definitely/not/here.png", "not a readable file"),
+        ("/definitely/not/here.png", "image path refused"),  # paths are off by default
     ],
 )
 def test_bad_image_urls_are_rejected(url, match):
@@ -114,12 +114,10 @@ def test_local_files_obey_the_policy(tmp_path, make_image, encode_image):
     outside.mkdir()
     (outside / "x.png").write_bytes(encode_image(make_image(32, 32)))
     confined = ImageSourcePolicy(local_root=inside)
-    with pytest.raises(ValueError, match="outside the allowed directory"):
+    with pytest.raises(ValueError, match="image path refused"):
         to_turns(_user(_url_part(str(inside / ".." / "other" / "x.png"))), confined)
-    with pytest.raises(ValueError, match="not accepted"):
-        to_turns(
-            _user(_url_part(str(outside / "x.png"))), ImageSourcePolicy(allow_local_files=False)
-        )
+    with pytest.raises(ValueError, match="image path refused"):
+        to_turns(_user(_url_part(str(outside / "x.png"))), ImageSourcePolicy())
     url = "data:image/png;base64," + base64.b64encode(b"x" * 200).decode()
     with pytest.raises(ValueError, match="larger than"):
         to_turns(_user(_url_part(url)), ImageSourcePolicy(max_bytes=100))
