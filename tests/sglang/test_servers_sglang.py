@@ -20,6 +20,7 @@ from tests.e2e.test_servers import (  # noqa: F401 - collected here, against the
     test_served_greedy_tokens_equal_monolithic,
     test_sixteen_concurrent_requests_use_both_encoders_and_free_every_block,
     test_streaming_equals_non_streaming,
+    test_three_images_are_spread_over_both_encoders_and_equal_monolithic,
     test_too_many_images_and_bad_params,
 )
 
@@ -63,3 +64,11 @@ def test_a_dead_sglang_scheduler_stops_the_language_server(tiny_model_dir, tmp_p
         schedulers[0].kill()
         assert language.wait(timeout=60) == 70
         assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_cpu_defaults_keep_an_idle_scheduler_asleep(tiny_model_dir):
+    from language_server.config import LanguageConfig
+    from language_server.sglang_engine import engine_args
+
+    args = engine_args(LanguageConfig(model=tiny_model_dir, engine="sglang"))
+    assert args["sleep_on_idle"] is True and args["device"] == "cpu"
