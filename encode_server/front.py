@@ -1,20 +1,20 @@
 """The encode server's front thread: the only owner of the ROUTER socket.
 
 It answers liveness itself (hello and heartbeat, with the incarnation and the worker's load), so
-a worker busy for seconds with a huge image or a large ViT batch is never taken for dead. It
-decodes and validates every frame (untrusted), hands jobs and aborts to the worker through
-``inbox`` and a wake-up on an inproc pair, forwards the worker's reports to their language
-servers, and tells the worker which language servers went silent. It never touches pixels,
-tensors or the transport.
+a worker busy for seconds with a huge image or a large ViT batch is never taken for dead. Every
+other frame goes to the worker as it came, without a copy, over an inproc pair
+(``[kind, peer, read_at, data]``, see ``Worker frames``); the worker decodes and validates it
+(untrusted) and sends its reports back the same way, which this thread forwards to their
+language servers. It also tells the worker which language servers went silent. It never
+touches pixels, tensors or the transport.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import struct
 import threading
 import time
-from typing import Any
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -25,7 +25,9 @@ from protocol.keys import server_keys
 
 log = logging.getLogger("epd.encode.front")
 
-Item = tuple[str, bytes, Any]  # ("msg", peer, message) | ("silent", peer, None)
+# Worker frames, front -> worker: [b"msg", peer, read_at (float64), data] | [b"silent", peer]
+MSG, SILENT = b"msg", b"silent"
+SMALL = 4096  # frames this short are decoded here (a heartbeat is about 100 bytes)
 
 
 class Front:
@@ -43,7 +45,6 @@ class Front:
         self.pair.bind(endpoint)
         self.worker_pair = ctx.socket(zmq.PAIR)  # the worker's end (used on its thread only)
         self.worker_pair.connect(endpoint)
-        self.inbox: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self.load = 0  # the worker's jobs in hand, written by the worker
         self.hello_sent: set[bytes] = set()
         self.peers: dict[bytes, float] = {}  # language servers: identity -> last heard from
@@ -90,25 +91,26 @@ class Front:
     def _receive(self) -> None:
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(frames) != 2:
-                self._reject(frames[0] if frames else b"", f"{len(frames)} frames, expected 2")
+                peer = frames[0].bytes if frames else b""
+                self.reject(peer, f"{len(frames)} frames, expected 2")
                 continue
-            peer, data = frames
+            peer, data = frames[0].bytes, frames[1]
+            read_at = time.perf_counter()
             self.peers[peer] = time.monotonic()
-            try:
-                msg = P.decode(data)
-            except P.ProtocolError as exc:
-                self._reject(peer, str(exc))
-                continue
-            if isinstance(msg, P.Heartbeat):
-                self._answer_heartbeat(peer)
-            elif isinstance(msg, (P.EncodeJob, P.Abort)):
-                self._to_worker(("msg", peer, msg))
-            else:
-                self._reject(peer, f"{type(msg).__name__} is not for an encode server")
+            if len(data) <= SMALL:
+                try:
+                    msg = P.decode(data.bytes)
+                except P.ProtocolError as exc:
+                    self.reject(peer, str(exc))
+                    continue
+                if isinstance(msg, P.Heartbeat):
+                    self._answer_heartbeat(peer)
+                    continue
+            self.pair.send_multipart([MSG, peer, struct.pack("d", read_at), data], copy=False)
 
     def _answer_heartbeat(self, peer: bytes) -> None:
         if peer not in self.hello_sent:
@@ -124,14 +126,7 @@ class Front:
         for peer in [p for p, seen in self.peers.items() if seen < silent_since]:
             del self.peers[peer]
             self.hello_sent.discard(peer)
-            self._to_worker(("silent", peer, None))
-
-    def _to_worker(self, item: Item) -> None:
-        self.inbox.put(item)
-        try:
-            self.pair.send(b"", zmq.NOBLOCK)  # wake the worker
-        except zmq.Again:
-            pass  # a wake-up is already pending
+            self.pair.send_multipart([SILENT, peer])
 
     # --- sending (front thread only) --------------------------------------------------------
 
@@ -144,8 +139,8 @@ class Front:
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue is full
             log.warning("cannot send to language server %s: %s", peer.hex()[:12], exc)
 
-    def _reject(self, peer: bytes, reason: str) -> None:
-        self.rejected += 1
+    def reject(self, peer: bytes, reason: str) -> None:
+        self.rejected += 1  # (also called by the worker, for frames it decoded)
         log.warning("rejected a message from %s: %s", peer.hex()[:12] or "?", reason)
 
 

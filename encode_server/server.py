@@ -11,8 +11,8 @@ lent (``EncodeJob``), so a write starts as soon as the ViT is done.
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
+import struct
 import threading
 import time
 
@@ -20,7 +20,7 @@ import zmq
 
 import protocol as P
 from encode_server.config import EncodeConfig
-from encode_server.front import Front
+from encode_server.front import SILENT, Front
 from encode_server.jobs import Job, Stage
 from encode_server.scheduler import JobScheduler
 from encode_server.staging import StagingArena
@@ -99,41 +99,46 @@ class EncodeServer:
     # --- receive ----------------------------------------------------------------------------
 
     def receive(self, timeout_ms: int) -> None:
-        """Handle everything the front passed on; block up to ``timeout_ms`` for the first item
+        """Handle every frame the front passed on; block up to ``timeout_ms`` for the first one
         (or for a write to end)."""
         ready = dict(self.poller.poll(timeout_ms))
         if self.sender.completion_fd in ready:
             self.sender.drain_completions()
         if self.pair in ready:
-            while True:  # wake-ups: one per item, or fewer
+            while True:
                 try:
-                    self.pair.recv(zmq.NOBLOCK)
+                    frames = self.pair.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-        while True:
-            try:
-                kind, peer, msg = self.front.inbox.get_nowait()
-            except queue.Empty:
-                break
-            if kind == "silent":
-                self.drop_peer(peer)
-            else:
-                self.handle(peer, msg)
+                self._on_frames(frames)
         self.front.load = sum(1 for j in self.jobs.values() if j.stage is not Stage.DRAINING)
         self.stats["rejected_messages"] = self.front.rejected
 
-    def handle(self, peer: bytes, msg: P.Message) -> None:
+    def _on_frames(self, frames: list) -> None:
+        kind, peer = frames[0].bytes, frames[1].bytes
+        if kind == SILENT:
+            self.drop_peer(peer)
+            return
+        (read_at,) = struct.unpack("d", frames[2].bytes)
+        try:
+            msg = P.decode(frames[3].buffer)
+        except P.ProtocolError as exc:
+            self.front.reject(peer, str(exc))
+            return
         if isinstance(msg, P.EncodeJob):
-            self.on_job(peer, msg)
+            self.on_job(peer, msg, read_at)
         elif isinstance(msg, P.Abort):
             self.on_abort(peer, msg)
+        else:
+            self.front.reject(peer, f"{type(msg).__name__} is not for an encode server")
 
-    def on_job(self, peer: bytes, msg: P.EncodeJob) -> None:
-        """Queue the job; preprocessing happens in the scheduler."""
+    def on_job(self, peer: bytes, msg: P.EncodeJob, read_at: float = 0.0) -> None:
+        """Queue the job; preprocessing happens in the scheduler. ``read_at``: when the front
+        thread read it off the socket (the encoder's queueing starts there)."""
         now = time.perf_counter()
         self.stats["jobs"] += 1
-        job = Job(peer=peer, msg=msg, received_at=now)
-        job.marks["received"] = now
+        job = Job(peer=peer, msg=msg, received_at=read_at or now)
+        job.marks["received"] = read_at or now
         if job.key in self.jobs:
             log.warning("duplicate job %s/%d from %s: ignored", msg.rid, msg.image, peer.hex()[:12])
             return

@@ -146,7 +146,7 @@ class Abort(Message, frozen=True, kw_only=True, tag="abort"):
 class EncodeTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where the encoder spent one job's time (seconds), for TTFT breakdowns."""
 
-    queue_s: Seconds = 0.0  # EncodeJob received -> preprocessing starts
+    queue_s: Seconds = 0.0  # EncodeJob read off the socket -> preprocessing starts
     preprocess_s: Seconds = 0.0  # image decode, resize, patches
     vision_s: Seconds = 0.0  # the ViT forward of the batch this job was in
     transfer_s: Seconds = 0.0  # submit -> transport reports DONE
