@@ -10,8 +10,10 @@ PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
 # Debian packages: the libraries Mooncake links against even for TCP; for the tests,
-# docker-compose (validates docker-compose.yml, no Docker engine needed) and iproute2 +
-# iptables (the two-host test builds network namespaces and degrades the link between them).
+# docker-compose (validates docker-compose.yml), docker.io + debootstrap (the compose test runs
+# its own dockerd and builds a Debian base image without a registry), and iproute2 + iptables +
+# curl (the two-host test builds network namespaces, degrades the link between them, and runs
+# the README's client commands).
 need_apt=()
 libs=$(ldconfig -p)  # not piped into grep -q: with pipefail, SIGPIPE would read as "missing"
 for lib in libibverbs.so.1 libnl-3.so.200 libnl-route-3.so.200; do
@@ -20,12 +22,16 @@ done
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
 command -v iptables >/dev/null || [ -x /usr/sbin/iptables ] || need_apt+=(iptables)
 command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)
+[ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ] || need_apt+=(docker.io)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
+command -v curl >/dev/null || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ] && [ "${EPD_SKIP_APT:-0}" != 1 ]; then
   echo "[setup] installing Debian packages (missing: ${need_apt[*]})"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    libibverbs1 libnl-3-200 libnl-route-3-200 docker-compose iptables iproute2 >/dev/null
+    libibverbs1 libnl-3-200 libnl-route-3-200 docker-compose iptables iproute2 \
+    docker.io debootstrap curl >/dev/null
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

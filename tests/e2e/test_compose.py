@@ -1,38 +1,48 @@
-"""The compose cluster: docker-compose.yml (and the shm override) validate, and the commands they
-hold run, unchanged, as local processes on loopback and serve a request with an image.
+"""The compose cluster: docker-compose.yml (and the shm override) validate, and `docker-compose
+up` runs them for real in a private Docker daemon.
 
-There is no Docker engine here, only the `docker-compose` binary: `docker-compose config` checks
-and normalises the files (interpolating variables), then each service's command runs as a plain
-process with the variables pointing at loopback, free ports and a temporary model directory.
+The Docker test starts its own dockerd (tests/deploy/docker.py: private data root, socket and pid
+file; stopped and deleted at the end), builds the project's image from the Dockerfile with no
+registry (a debootstrapped Debian bookworm base, the wheels from a local cache), then for each
+variant runs `docker-compose up -d` (one language server, two encoders, Mooncake over TCP between
+the containers, or shared memory with the override), sends a chat request with an image to the
+published port, checks /health (every block free, both encoders up), /metrics and the container
+healthcheck, stops one encoder container and checks that requests still succeed, then runs
+`docker-compose down -v`. It skips, saying why, only where dockerd cannot start (no privileges).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml  # PyYAML, a dependency of transformers
 
-from epd.cluster import free_port, get_json, post_json, script
+from epd.cluster import free_port
+from tests.deploy.docker import Dockerd, DockerdUnavailable, build_image, disk_use
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "docker-compose.yml"
 SHM = ROOT / "deploy" / "compose.shm.yml"
 VARIANTS = {"mooncake": (BASE,), "shm": (BASE, SHM)}
 SERVERS = ("encode-0", "encode-1", "language")
-CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MC_LOG_LEVEL": "ERROR"}
 N_TOKENS = 4
+VFS_NEEDS = 70 << 30  # bytes a vfs data root takes: the image and one variant's 4 containers
+SERVED_MODEL = "tiny"  # the name of the compose file's MODEL_DIR, /models/tiny
 
 
 def _compose_vars() -> set[str]:
@@ -151,7 +161,15 @@ def test_variables_change_what_a_local_run_needs():
     assert flag(command(services["encode-1"]), "--port") == ["17002"]
 
 
-# ------------------------------------------------------- the same commands as local processes
+def test_compose_file_names_the_image_and_a_publish_port_the_test_can_move():
+    services = compose_config(
+        VARIANTS["mooncake"], EPD_IMAGE="epd-qwen3vl:t", LANGUAGE_PUBLISH_PORT="18123"
+    )["services"]
+    assert {s["image"] for s in services.values()} == {"epd-qwen3vl:t"}
+    assert [_port(p) for p in services["language"]["ports"]] == [("127.0.0.1", 18123, 8000)]
+
+
+# ------------------------------------------------------- docker-compose up, in a private dockerd
 
 
 def _png_data_url(height: int, width: int, seed: int = 0) -> str:
@@ -165,169 +183,148 @@ def _png_data_url(height: int, width: int, seed: int = 0) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _start_order(services: dict) -> list[str]:
-    """Service names with every service after those it depends on (as compose starts them)."""
-    order: list[str] = []
-
-    def visit(name: str, path: tuple[str, ...] = ()) -> None:
-        assert name not in path, f"dependency cycle {path + (name,)}"
-        if name not in order:
-            for dep in services[name].get("depends_on", {}):
-                visit(dep, path + (name,))
-            order.append(name)
-
-    for name in sorted(services):
-        visit(name)
-    return order
-
-
-class Processes:
-    """The services' commands as local processes, logging to ``log_dir``; ``stop`` ends them all."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def env(self, service: dict) -> dict[str, str]:
-        env = service.get("environment") or {}
-        if isinstance(env, list):  # ["KEY=value", ...]
-            env = dict(item.split("=", 1) for item in env)
-        return {**os.environ, **{k: str(v) for k, v in env.items()}, **CHILD_ENV}
-
-    def argv(self, service: dict) -> list[str]:
-        cmd = command(service)
-        return script(cmd[0]) + cmd[1:]
-
-    def run_once(self, name: str, service: dict, timeout: float = 120.0) -> None:
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            rc = subprocess.run(
-                self.argv(service), env=self.env(service), stdout=log, stderr=subprocess.STDOUT,
-                timeout=timeout,
-            ).returncode  # fmt: skip
-        assert rc == 0, f"{name} exited with {rc}"
-
-    def start(self, name: str, service: dict) -> None:
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(
-                self.argv(service), env=self.env(service), stdout=log, stderr=subprocess.STDOUT
-            )
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                raise AssertionError(f"{name} exited with {proc.returncode}")
-
-    def stop(self) -> dict[str, int]:
-        """SIGTERM (language first), SIGKILL after 15 s; returns each exit code."""
-        for name in sorted(self.procs, key=lambda n: n != "language"):
-            if self.procs[name].poll() is None:
-                self.procs[name].send_signal(signal.SIGTERM)
-        codes = {}
-        for name, proc in self.procs.items():
-            try:
-                codes[name] = proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                codes[name] = proc.wait()
-        return codes
-
-    def print_logs(self) -> None:
-        for log in sorted(self.log_dir.glob("*.log")):
-            print(f"----- {log.name} -----\n{log.read_text(errors='replace')[-8000:]}")
-
-
-@pytest.fixture
-def processes(tmp_path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
+def _http(url: str, body: dict | None = None, timeout: float = 60.0) -> tuple[int, str]:
+    """(status, body text); no proxy from the environment; status 0 when nothing answers."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        yield procs
-    finally:
-        codes = procs.stop()
-        print("exit codes:", codes)
-        procs.print_logs()  # pytest shows captured output only for failing tests
+        with opener.open(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError as e:
+        return 0, repr(e)
 
 
-def _wait_ready(procs: Processes, url: str, timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    health: dict = {}
+def _chat(url: str, seed: int) -> tuple[int, dict]:
+    content = [
+        {"type": "image_url", "image_url": {"url": _png_data_url(80, 112, seed=seed)}},
+        {"type": "text", "text": "What is in the picture?"},
+    ]
+    body = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": content}],
+            "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}  # fmt: skip
+    status, text = _http(url + "/v1/chat/completions", body, timeout=120)
+    return status, json.loads(text) if text.startswith("{") else {"raw": text}
+
+
+def _health(url: str) -> dict:
+    status, text = _http(url + "/health", timeout=5)
+    return json.loads(text) if status == 200 else {}
+
+
+def _wait(what: str, check, timeout: float, interval: float = 1.0):
+    """Poll ``check()`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline, last = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        procs.check_alive()
-        try:
-            health = get_json(url + "/health", timeout=2)
-            encoders = health["encoders"]
-            if len(encoders) == 2 and all(e["state"] == "up" for e in encoders):
-                return health
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"not ready in {timeout} s; last /health: {health}")
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout} s (last: {last})")
 
 
-def _one_shot(services: dict) -> set[str]:
-    """Services that others wait for to complete (the `model` service)."""
-    return {
-        dep
-        for svc in services.values()
-        for dep, cond in svc.get("depends_on", {}).items()
-        if cond.get("condition") == "service_completed_successfully"
-    }
+def _states(health: dict) -> dict[str, str]:
+    return {e["id"]: e["state"] for e in health.get("encoders", [])}
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    """The value of ``name{labels}`` in a Prometheus text page (0 when absent)."""
+    pattern = rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''} (\S+)$"
+    match = re.search(pattern, text, re.M)
+    return float(match.group(1)) if match else 0.0
 
 
 @pytest.fixture(scope="module")
-def compose_model(tmp_path_factory) -> tuple[Path, list[str]]:
-    """The `model` service's command, run once into a temporary MODEL_DIR: (dir, command)."""
-    root = tmp_path_factory.mktemp("compose-models")
-    model_dir = root / "tiny"
-    services = compose_config(VARIANTS["mooncake"], MODEL_DIR=str(model_dir))["services"]
-    procs = Processes(root)
+def dockerd() -> Iterator[Dockerd]:
     try:
-        procs.run_once("model", services["model"])
-    except BaseException:
-        procs.print_logs()
-        raise
-    assert (model_dir / "config.json").is_file()
-    return model_dir, command(services["model"])
+        daemon = Dockerd.start()
+    except DockerdUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def image(dockerd, tmp_path_factory) -> str:
+    """The Dockerfile's image, built on the private daemon without a registry."""
+    free = shutil.disk_usage(dockerd.root).free
+    if dockerd.driver == "vfs" and free < VFS_NEEDS:  # measured: 13 GB image + 4 x 13 GB
+        pytest.fail(f"the vfs storage driver needs about {VFS_NEEDS >> 30} GiB free under "
+                    f"{dockerd.root}, {free >> 30} GiB are: free space or use overlay2")  # fmt: skip
+    tag = f"epd-qwen3vl:test-{uuid.uuid4().hex[:8]}"
+    log = tmp_path_factory.mktemp("docker") / "build.log"
+    t0 = time.monotonic()
+    times = build_image(dockerd, tag, log)
+    data = disk_use(dockerd.root / "data")
+    print(f"[compose] image {tag} ({dockerd.driver}) in {time.monotonic() - t0:.0f} s: "
+          + ", ".join(f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}" for k, v in times.items())
+          + f"; data root {data / 2**30:.1f} GiB")  # fmt: skip
+    dockerd.timings.update({k: v for k, v in times.items() if isinstance(v, float)})
+    return tag
 
 
 @pytest.mark.slow
+@pytest.mark.docker
+@pytest.mark.timeout(1800)  # the first one builds the image (about 3 minutes cold, more on vfs)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_compose_commands_run_locally(variant, compose_model, processes):
-    model_dir, model_command = compose_model
-    ports = {name: str(free_port()) for name in ("ENCODE0_PORT", "ENCODE1_PORT", "LANGUAGE_PORT")}
-    env = {
-        "ENCODE0_HOST": "127.0.0.1", "ENCODE1_HOST": "127.0.0.1", "LANGUAGE_HOST": "127.0.0.1",
-        "BIND_HOST": "127.0.0.1", "MODEL_DIR": str(model_dir), "NUM_BLOCKS": "32", **ports,
-    }  # fmt: skip
-    services = compose_config(VARIANTS[variant], **env)["services"]
-    order = _start_order(services)
-    assert order[0] == "model" and set(order) == {"model", *SERVERS}
-    assert _one_shot(services) == {"model"}
+def test_compose_up_in_docker(variant, dockerd, image):
+    files = VARIANTS[variant]
+    project = f"epd-{variant}-{uuid.uuid4().hex[:6]}"
+    port = free_port()
+    env = {"EPD_IMAGE": image, "LANGUAGE_PUBLISH_PORT": str(port)}
+    url = f"http://127.0.0.1:{port}"
+    times: dict[str, float] = {}
+    try:
+        t0 = time.monotonic()
+        dockerd.compose(project, files, env, "up", "-d", "--no-build", timeout=900)
+        times["up"] = time.monotonic() - t0
+        model_id = dockerd.compose(project, files, env, "ps", "-q", "model").stdout.strip()
+        code = dockerd.docker("inspect", "-f", "{{.State.ExitCode}}", model_id).stdout.strip()
+        assert code == "0", f"the model service exited {code}"
+        health = _wait("both encoders up", lambda: (h := _health(url))
+                       and _states(h) == {"encode-0": "up", "encode-1": "up"} and h, 240)  # fmt: skip
+        times["ready"] = time.monotonic() - t0
+        total = health["pool"]["total_blocks"]
 
-    for name in order:
-        if name == "model":  # already run (same command) by the compose_model fixture
-            assert command(services[name]) == model_command
-        else:
-            processes.start(name, services[name])
-    assert flag(command(services["language"]), "--transport") == [variant]
+        status, reply = _chat(url, seed=1)
+        assert status == 200, reply
+        assert reply["model"] == SERVED_MODEL
+        assert reply["usage"]["completion_tokens"] == N_TOKENS
+        assert reply["choices"][0]["finish_reason"] == "length"
+        pool = _wait("every block free", lambda: (p := _health(url).get("pool"))
+                     and p["free_blocks"] == total and p, 30)  # fmt: skip
+        assert pool["peak_used_blocks"] >= 1, pool  # the image went through the receive pool
 
-    url = f"http://127.0.0.1:{ports['LANGUAGE_PORT']}"
-    health = _wait_ready(processes, url)
-    assert {e["id"] for e in health["encoders"]} == {"encode-0", "encode-1"}
-    total = health["pool"]["total_blocks"]
-    assert total == 32
+        status, metrics = _http(url + "/metrics")
+        assert status == 200
+        assert _metric(metrics, "epd_requests_total", 'status="200"') >= 1, metrics[-2000:]
+        assert _metric(metrics, "epd_transfer_bytes_total") > 0, metrics[-2000:]
+        lang_id = dockerd.compose(project, files, env, "ps", "-q", "language").stdout.strip()
+        _wait("the language container's healthcheck", lambda: dockerd.docker(
+            "inspect", "-f", "{{.State.Health.Status}}", lang_id).stdout.strip() == "healthy", 60)  # fmt: skip
+        logs = dockerd.compose(project, files, env, "logs", "--no-color", "language").stdout
+        assert f"transport {variant} session" in logs, logs[-3000:]
 
-    content = [
-        {"type": "image_url", "image_url": {"url": _png_data_url(80, 112, seed=1)}},
-        {"type": "text", "text": "What is in the picture?"},
-    ]
-    body = {"messages": [{"role": "user", "content": content}],
-            "max_tokens": N_TOKENS, "temperature": 0, "ignore_eos": True}  # fmt: skip
-    status, reply = post_json(url + "/v1/chat/completions", body, timeout=120)
-    assert status == 200, reply
-    assert reply["usage"]["completion_tokens"] == N_TOKENS
-    assert reply["choices"][0]["finish_reason"] == "length"
-
-    pool = get_json(url + "/health")["pool"]
-    assert pool["free_blocks"] == total, pool
-    assert pool["peak_used_blocks"] >= 1, pool  # the image went through the receive pool
-    processes.check_alive()
+        # One encoder container stops: requests keep succeeding on the other.
+        dockerd.compose(project, files, env, "stop", "encode-0", timeout=120)
+        statuses = [_chat(url, seed=10 + i)[0] for i in range(4)]
+        assert statuses == [200] * 4, statuses
+        health = _wait("encode-0 seen down", lambda: (h := _health(url))
+                       and _states(h) == {"encode-0": "down", "encode-1": "up"} and h, 30)  # fmt: skip
+        pool = _wait("every block free", lambda: (p := _health(url).get("pool"))
+                     and p["free_blocks"] == total and p, 60)  # fmt: skip
+        times["checks"] = time.monotonic() - t0 - times["ready"]
+    finally:
+        logs = dockerd.compose(project, files, env, "logs", "--no-color", "--tail", "60",
+                               check=False).stdout  # fmt: skip
+        print(f"----- docker-compose logs ({project}) -----\n{logs}")
+        t0 = time.monotonic()
+        dockerd.compose(project, files, env, "down", "-v", "--remove-orphans", check=False)
+        times["down"] = time.monotonic() - t0
+    label = f"label=com.docker.compose.project={project}"
+    assert dockerd.docker("ps", "-aq", "--filter", label).stdout.strip() == ""
+    assert dockerd.docker("volume", "ls", "-q", "--filter", label).stdout.strip() == ""
+    print(f"[compose] {variant}: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
