@@ -84,7 +84,11 @@ class EncoderPool:
         dead_after_s: float = 5.0,
         keys: CurveKeys | None = None,
     ) -> None:
-        self.ctx = zmq.asyncio.Context.instance()
+        # One ZeroMQ context (one I/O thread) per encoder: ZeroMQ resolves a tcp://NAME:PORT
+        # address on its I/O thread at every reconnect, so with a shared context one encoder
+        # whose name no longer resolves (a stopped container: 10 s per lookup) stalled the
+        # heartbeats of every other encoder until they were declared dead.
+        self._contexts: list[zmq.asyncio.Context] = []
         self.keys = keys
         self.transport = transport
         self.on_message = on_message
@@ -96,7 +100,9 @@ class EncoderPool:
         self._tasks: list[asyncio.Task[None]] = []
 
     def _connect(self, address: str) -> EncoderLink:
-        sock = self.ctx.socket(zmq.DEALER)
+        ctx = zmq.asyncio.Context(io_threads=1)
+        self._contexts.append(ctx)
+        sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for an encoder that is not connected
         sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # encoders send only small reports
@@ -116,6 +122,8 @@ class EncoderPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for link in self.links:
             link.sock.close(linger=0)
+        for ctx in self._contexts:
+            ctx.term()
 
     def pick(self) -> EncoderLink | None:
         """The live encoder with the least work (None when none is up): the larger of our own
