@@ -9,4 +9,6 @@ imports ``language_server``.
   ``run_vision``: one ViT forward per batch -> per image ``embeds [n, H]`` and
   ``deepstack [n, 3H]``).
 - ``weights``: reads only ``model.visual.*`` from a (sharded) safetensors checkpoint.
+- ``front`` (socket and heartbeats), ``server`` (the worker loop), ``scheduler`` (preprocessing,
+  ViT batching), ``transfers`` (writes and their reports), ``staging`` (the registered arena).
 """
