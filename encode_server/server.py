@@ -111,8 +111,13 @@ class EncodeServer:
                 except zmq.Again:
                     break
                 self._on_frames(frames)
-        self.front.load = sum(1 for j in self.jobs.values() if j.stage is not Stage.DRAINING)
+        self._publish_load()
         self.stats["rejected_messages"] = self.front.rejected
+
+    def _publish_load(self) -> None:
+        """What the front thread reports in heartbeats: jobs in hand (not draining). Kept
+        current as jobs come and go, so a heartbeat never counts a job already reported done."""
+        self.front.load = sum(1 for j in self.jobs.values() if j.stage is not Stage.DRAINING)
 
     def _on_frames(self, frames: list) -> None:
         kind, peer = frames[0].bytes, frames[1].bytes
@@ -192,6 +197,7 @@ class EncodeServer:
             self.arena.give_back(job.staging)
             job.staging = None
         self.jobs.pop(job.key, None)
+        self._publish_load()
 
     def _report(self, job: Job, msg: P.Message) -> None:
         self._send(job.peer, msg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import protocol as P
 from encode_server.jobs import Job, Stage
@@ -69,11 +70,11 @@ class Transfers:
     def _done(self, job: Job) -> None:
         job.mark("transfer_end")
         m = job.msg
-        self.report(job, P.TransferDone(rid=m.rid, image=m.image, generation=m.generation,
-                                        n_tokens=m.n_tokens, checksum=job.checksum,
-                                        timings=job.timings()))  # fmt: skip
+        done = P.TransferDone(rid=m.rid, image=m.image, generation=m.generation,
+                              n_tokens=m.n_tokens, checksum=job.checksum, timings=job.timings())  # fmt: skip
         self.done += 1
-        self.finish(job)
+        self.finish(job)  # first: the load the next heartbeat reports no longer counts it
+        self.report(job, done)
 
     def fail(self, job: Job, stage: str, reason: str, writing: bool | None = None) -> None:
         """Report ``job`` failed. While the transport may still write into its blocks the job
@@ -83,13 +84,13 @@ class Transfers:
         if writing is None:
             writing = job.stage is Stage.TRANSFERRING and self.sender.writing(job.key)
         m = job.msg
-        self.report(job, P.EncodeFailed(rid=m.rid, image=m.image, generation=m.generation,
-                                        stage=stage, reason=reason[:4000],  # type: ignore[arg-type]
-                                        write_stopped=not writing))  # fmt: skip
+        failed = P.EncodeFailed(rid=m.rid, image=m.image, generation=m.generation, stage=stage,  # type: ignore[arg-type]
+                                reason=reason[:4000], write_stopped=not writing)  # fmt: skip
         if writing:
             self.drain(job, stage, reason, announce=False)
         else:
             self.finish(job)
+        self.report(job, failed)
 
     def drain(self, job: Job, stage: str, reason: str, announce: bool = True) -> None:
         """Stop caring about ``job``'s result; report ``stage`` once its write has stopped."""
@@ -99,7 +100,8 @@ class Transfers:
 
     def _stopped(self, job: Job) -> None:
         m = job.msg
-        self.report(job, P.EncodeFailed(rid=m.rid, image=m.image, generation=m.generation,
-                                        stage=job.stop_stage, reason=job.stop_reason[:4000],  # type: ignore[arg-type]
-                                        write_stopped=True))  # fmt: skip
+        stage: Any = job.stop_stage  # one of EncodeFailed's stages
+        stopped = P.EncodeFailed(rid=m.rid, image=m.image, generation=m.generation, stage=stage,
+                                 reason=job.stop_reason[:4000], write_stopped=True)  # fmt: skip
         self.finish(job)
+        self.report(job, stopped)

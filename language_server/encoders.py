@@ -40,6 +40,7 @@ class EncoderLink:
     inflight: set[tuple[str, int, int]] = field(default_factory=set)  # our jobs it holds
     incarnation: int = 0  # of the encoder process answering now (0: not known yet)
     load: int = 0  # jobs it reported in its last heartbeat (from every language server)
+    others: int = 0  # of those, the ones that were not ours when the heartbeat arrived
     last_seen: float = 0.0
     rejected: int = 0
     served: int = 0  # requests whose rows arrived from it
@@ -126,14 +127,16 @@ class EncoderPool:
             ctx.term()
 
     def pick(self) -> EncoderLink | None:
-        """The live encoder with the least work (None when none is up): the larger of our own
-        count of jobs there and the load it last reported; ties go round-robin."""
+        """The live encoder with the least work (None when none is up): our own jobs there, as
+        of now, plus the jobs other language servers had there at its last heartbeat (its
+        reported load less ours then; a stale total would keep counting our finished jobs);
+        ties go round-robin."""
         up = [link for link in self.links if link.state is LinkState.UP]
         if not up:
             return None
         self._turn += 1
         n = len(up)
-        return min(up, key=lambda x: (max(len(x.inflight), x.load), (up.index(x) - self._turn) % n))
+        return min(up, key=lambda x: (len(x.inflight) + x.others, (up.index(x) - self._turn) % n))
 
     def mark_down(self, link: EncoderLink, why: str) -> None:
         """Stop sending ``link`` new jobs and move its jobs elsewhere (``on_down``)."""
@@ -171,7 +174,7 @@ class EncoderPool:
             log.info("encoder %s (%s, incarnation %x) is up", link.address, msg.encoder_id,
                      msg.incarnation)  # fmt: skip
         else:
-            link.load = msg.inflight
+            link.load, link.others = msg.inflight, max(0, msg.inflight - len(link.inflight))
         restarted = link.incarnation not in (0, msg.incarnation)
         link.incarnation = msg.incarnation
         if link.state in (LinkState.CONNECTING, LinkState.DOWN) and link.encoder_id:
