@@ -18,8 +18,9 @@ PY="$VENV/bin/python"
 PIP="$PY -m pip"
 SGLANG_VERSION=0.5.23
 
-# Pure-Python (or CPU-wheel) packages that `import sglang.srt.entrypoints.engine` and the
-# scheduler/detokenizer subprocesses need here, with their own dependencies, all pinned.
+# Pure-Python (or CPU-wheel) packages that `import sglang.srt.entrypoints.engine`, the
+# scheduler/detokenizer subprocesses and SGLang's HTTP server need here, with their own
+# dependencies, all pinned.
 DEPS=(
   apache-tvm-ffi==0.1.11 compressed-tensors==0.18.0 dill==0.4.1 einops==0.8.2 gguf==0.19.0
   ipython==9.18.1 ipython_pygments_lexers==1.1.1 asttokens==3.0.2 executing==2.3.0
@@ -27,6 +28,10 @@ DEPS=(
   pure_eval==0.2.4 stack-data==0.6.3 traitlets==5.16.1 matplotlib-inline==0.2.2 wcwidth==0.9.4
   loguru==0.7.3 orjson==3.13.0 partial-json-parser==0.2.1.1.post7 psutil==7.2.2
   pybase64==1.5.1 sentencepiece==0.2.1 setproctitle==1.3.8 uvloop==0.23.0 xgrammar==0.2.7
+  # SGLang's own HTTP server (`python -m sglang.launch_server`, for epd-bench-peer); attrs, which
+  # jsonschema and referencing also need, is already there (mooncake -> aiohttp -> attrs)
+  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+  soundfile==0.13.1 cffi==2.1.1 pycparser==3.12 python-multipart==0.0.34
 )
 
 # Prints each NAME==VERSION argument whose installed version differs (or that is missing).
