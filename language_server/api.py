@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -88,6 +89,7 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
                 "lent_blocks": receiver.lent_blocks,
                 "waiting_requests": len(receiver.waiting),
                 "pending_requests": len(receiver.pending),
+                **(await _pool_host(receiver)),
             },
             "encoders": links,
             "engine": {"active": service.engine.active},
@@ -270,3 +272,21 @@ def _sse_error(status: int, message: str) -> str:
 
 def _public(timings: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in timings.items()}
+
+
+async def _pool_host(receiver: Any) -> dict[str, Any]:
+    """Where the pool's memory is: this process, or (``--engine sglang``) SGLang's scheduler
+    process, with its counters (visual rows copied out of the pool into the model's inputs)."""
+    if receiver.local:
+        return {"host_pid": os.getpid(), "device": str(receiver.buffers.embeds.device)}
+    out: dict[str, Any] = {
+        "host_pid": receiver.host.hello.pid,
+        "device": receiver.host.hello.device,
+    }
+    try:
+        stats = await receiver.host.stats(timeout_s=1.0)
+    except Exception as exc:  # noqa: BLE001 - health still answers
+        out["host_error"] = f"{type(exc).__name__}: {exc}"
+        return out
+    out.update(rows_copied=stats.rows_copied, copy_calls=stats.copy_calls, verified=stats.verified)
+    return out

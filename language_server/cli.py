@@ -106,18 +106,20 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
         p.error(str(exc))
 
 
-def build_engine(config: LanguageConfig):
-    """The generation engine named by ``--engine``, with the language weights loaded."""
+def build_engine(config: LanguageConfig, pool_address: str = ""):
+    """The generation engine named by ``--engine``, with the language weights loaded; for
+    SGLang, with the receive pool in its scheduler process, announced on ``pool_address``."""
     from transfer import DTYPES
 
     if config.engine == "sglang":
-        from language_server.sglang_engine import SGLangEngine
+        from language_server.sglang_engine import SGLangEngine, pool_spec
 
         try:
             extra = json.loads(config.sglang_args or "{}")
         except json.JSONDecodeError as exc:
             raise SystemExit(f"--sglang-args is not JSON: {exc}") from None
-        return SGLangEngine.from_config(config, **extra)
+        pool = pool_spec(config, pool_address) if pool_address else None
+        return SGLangEngine.from_config(config, pool, **extra)
     from language_server.engine import Engine
     from language_server.model import Qwen3MoeForCausalLMWithDeepStack
 
@@ -137,36 +139,69 @@ def build_app(config: LanguageConfig):
     from language_server.service import ChatService
     from protocol.keys import client_keys
     from transfer import DTYPES, MultimodalDataBuffers, make_receiver
+    from transfer.buffers import PoolLayout
 
     dtype = DTYPES[config.dtype]
-    engine = build_engine(config)
+    log = logging.getLogger("epd.language")
+    link = None
+    if config.engine == "sglang":  # the pool lives where the model runs: SGLang's scheduler
+        from language_server.pool_link import PoolHostLink
+
+        link = PoolHostLink()
+    try:
+        engine = build_engine(config, link.address if link else "")
+    except BaseException:
+        if link is not None:
+            link.close()
+        raise
     limits = PromptLimits(max_prompt_tokens=config.max_prompt_tokens, max_images=config.max_images,
                           max_image_pixels=config.max_image_pixels,
                           max_image_tokens=config.max_image_tokens)  # fmt: skip
     builder = PromptBuilder.from_pretrained(config.model, limits)
     hidden = builder.config.text_config.hidden_size  # type: ignore[union-attr]
-    transport = make_receiver(config.transport, **config.receiver_options())
-    buffers = MultimodalDataBuffers(config.num_blocks, config.block_tokens,
-                                    hidden, dtype, transport, config.device)  # fmt: skip
+    transport = None
+    if link is not None:
+        try:
+            hello = link.wait_hello()
+        except BaseException:
+            engine.close()
+            link.close()
+            raise
+        if hello.hidden != hidden or hello.dtype != config.dtype:
+            raise SystemExit(f"the pool's host has hidden {hello.hidden} {hello.dtype}; "
+                             f"the checkpoint says {hidden} {config.dtype}")  # fmt: skip
+        buffers: PoolLayout = PoolLayout.from_hello(hello)
+        where = f"SGLang's scheduler process (pid {hello.pid}, {hello.device})"
+    else:
+        transport = make_receiver(config.transport, **config.receiver_options())
+        buffers = MultimodalDataBuffers(config.num_blocks, config.block_tokens,
+                                        hidden, dtype, transport, config.device)  # fmt: skip
+        where = f"this process ({config.device})"
     receiver = Receiver(buffers, config.max_waiting_allocs, config.alloc_wait_s,
-                        config.dead_writer_wait_s)  # fmt: skip
+                        config.dead_writer_wait_s, host=link)  # fmt: skip
     keys = client_keys(config.curve_keys, config.curve_server_key)
     encoders = EncoderPool(config.encoders, config.transport, receiver.on_message,
                            config.heartbeat_s, config.encoder_dead_after_s, keys)  # fmt: skip
     service = ChatService(config, engine, builder, receiver, encoders)
-    log = logging.getLogger("epd.language")
-    log.info("receive pool: %d blocks x %d tokens, %.1f MiB, transport %s session %s",
+    log.info("receive pool: %d blocks x %d tokens, %.1f MiB, transport %s session %s, in %s",
              buffers.num_blocks, buffers.block_tokens,
-             buffers.capacity_tokens * buffers.bytes_per_token / 2**20, transport.name,
-             transport.session)  # fmt: skip
+             buffers.capacity_tokens * buffers.bytes_per_token / 2**20, config.transport,
+             buffers.session, where)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        if link is not None:
+            link.start()
         await service.startup()
         yield
         await service.shutdown()
+        if link is not None:
+            await link.stop()
         engine.close()
-        transport.close()
+        if link is not None:
+            link.close()
+        if transport is not None:
+            transport.close()
 
     return create_app(service, Metrics(), lifespan)
 

@@ -58,6 +58,7 @@ class Dispatcher:
 
         def on_ready(rows: ReceivedPrompt | None, error: RequestError | None) -> None:
             if done.done():
+                self.receiver.release(pending)  # rows handed over that nobody will read
                 return
             if error is not None:
                 done.set_exception(error)
@@ -66,6 +67,7 @@ class Dispatcher:
             try:
                 done.set_result(build(rows))
             except Exception as exc:  # noqa: BLE001 - surfaces as a 500 for this request
+                self.receiver.release(pending)
                 done.set_exception(RequestError(500, f"cannot build the prompt: {exc}"))
 
         pending = Pending(rid, prompt, on_ready)
@@ -74,6 +76,8 @@ class Dispatcher:
         try:
             return await asyncio.wait_for(done, self.timeout_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
+            if done.done() and not done.cancelled() and done.exception() is None:
+                self.receiver.release(pending)  # built, but nobody will run it
             timed_out = isinstance(exc, TimeoutError)
             reason = f"no answer from the encoders within {self.timeout_s:.0f} s"
             self.receiver.fail(

@@ -105,6 +105,8 @@ class Engine(EngineBase):
 
     def job_for_image(self, prompt: ReceivedPrompt, params: SamplingParams, emit: Emit) -> GenJob:
         # One copy: the visual rows go into the sequence's [seq, H] / [seq, 3H] inputs.
+        if prompt.embeds is None or prompt.deepstack is None:
+            raise RuntimeError("the reference engine reads rows from a receive pool in its process")
         embeds, deepstack = build_input_embeds(
             self.model, prompt.input_ids, prompt.visual_mask, prompt.embeds, prompt.deepstack
         )

@@ -1,7 +1,10 @@
 """The language side of the data plane: lends blocks to encode jobs, checks what arrived, and
 takes blocks back only when their writer is done with them.
 
-Owns ``MultimodalDataBuffers``. Runs on the asyncio loop (not thread-safe). A request's images
+Lends the blocks of a ``PoolLayout``: the pool itself (``MultimodalDataBuffers``) with the
+reference engine, or only its layout when the memory lives where the model runs (``--engine
+sglang``: SGLang's scheduler process, reached through a ``PoolHostLink`` that verifies rows
+there). Runs on the asyncio loop (not thread-safe). A request's images
 get their blocks together (never half a request, so two requests cannot starve each other);
 each image's blocks are lent to one encoder process for one ``generation`` (a fresh random
 nonce), and every message about them is checked against that lending: same encoder, same
@@ -27,7 +30,8 @@ import torch
 
 import protocol as P
 from language_server.requests import Lease, LeaseState, Pending, ReceivedPrompt, RequestError
-from transfer import MultimodalDataBuffers, dtype_name, rows_checksum
+from transfer import MultimodalDataBuffers, dtype_name
+from transfer.buffers import PoolLayout
 
 log = logging.getLogger("epd.language.receiver")
 
@@ -35,13 +39,21 @@ _STATUS = {"preprocess": 400, "overloaded": 503}  # EncodeFailed stage -> HTTP s
 
 
 class Receiver:
-    def __init__(self, buffers: MultimodalDataBuffers, max_waiting: int = 64,
+    def __init__(self, buffers: PoolLayout, max_waiting: int = 64,
                  alloc_wait_s: float = 10.0, dead_writer_s: float = 30.0,
-                 copy_event: Callable[[], Any] | None = None) -> None:  # fmt: skip
+                 copy_event: Callable[[], Any] | None = None, host: Any = None) -> None:  # fmt: skip
         self.buffers = buffers
+        # Where the memory is: here (MultimodalDataBuffers), or in another process whose
+        # ``host`` (a PoolHostLink) verifies rows there; the engine then reads them there and
+        # hands the blocks back with ``release``.
+        self.local = isinstance(buffers, MultimodalDataBuffers)
+        if not self.local and host is None:
+            raise ValueError("a pool without memory here needs the host that holds it")
+        self.host = host
         # marks the end of the copies queued so far (a CUDA event on a GPU pool; None: the
         # copies were synchronous, as on the CPU)
-        self.copy_event = copy_event or (_cuda_event if buffers.embeds.is_cuda else lambda: None)
+        on_gpu = self.local and buffers.embeds.is_cuda  # type: ignore[attr-defined]
+        self.copy_event = copy_event or (_cuda_event if on_gpu else lambda: None)
         self.max_waiting, self.alloc_wait_s, self.dead_writer_s = (
             max_waiting,
             alloc_wait_s,
@@ -51,6 +63,7 @@ class Receiver:
         self.pending: dict[str, Pending] = {}
         self.waiting: deque[Pending] = deque()  # requests waiting for room in the pool
         self.lent: dict[tuple[str, int, int], Lease] = {}  # (rid, image, generation) -> lease
+        self.handed: dict[str, Pending] = {}  # rows handed to the engine, in a pool elsewhere
         self.copying: list[tuple[Any, list[int]]] = []  # (CUDA event, blocks) of copies in flight
         self.on_lent: Callable[[Pending], None] = lambda pending: None  # send its jobs
         self.peak_used = 0
@@ -155,25 +168,40 @@ class Receiver:
         if lease.state is LeaseState.ORPHANED:  # nobody needs the rows
             self._return(lease)
             return
-        problem = self._verify(lease, msg)
+        if lease.state is not LeaseState.SENT or msg.n_tokens != lease.n_tokens:
+            self._verified(lease, f"bad TransferDone for image {lease.image}: {msg.n_tokens} "
+                           f"rows, {lease.n_tokens} lent")  # fmt: skip
+            return
+        lease.state, lease.timings = LeaseState.WRITTEN, msg.timings
+        assert lease.blocks is not None
+        if self.local:  # the one verification code: the checksum over the pool's rows in place
+            pool: MultimodalDataBuffers = self.buffers  # type: ignore[assignment]
+            same = pool.checksum(lease.blocks, lease.n_tokens) == msg.checksum
+            self._verified(lease, "" if same else "do not match the sender's checksum")
+        else:  # the same code, run where the memory is
+            self.host.verify(lease.blocks, lease.n_tokens, msg.checksum,
+                             lambda problem: self._verified(lease, problem))  # fmt: skip
+
+    def _verified(self, lease: Lease, problem: str) -> None:
+        """The verdict on ``lease``'s rows (``problem`` empty: they match the writer's)."""
+        if self.lent.get(lease.key) is not lease or lease.state not in (
+            LeaseState.SENT,
+            LeaseState.WRITTEN,
+        ):
+            return  # the request ended meanwhile; its blocks went back then
         if problem:
-            self.fail(lease.request, RequestError(502, problem), skip=lease)
+            why = (
+                problem
+                if lease.state is LeaseState.SENT
+                else f"rows of image {lease.image} {problem}"
+            )
+            self.fail(lease.request, RequestError(502, why), skip=lease)
             self._return(lease)
             return
-        lease.state, lease.timings = LeaseState.VERIFIED, msg.timings
+        lease.state = LeaseState.VERIFIED
         lease.link.served += 1
         if all(x.state is LeaseState.VERIFIED for x in lease.request.leases):
             self._complete(lease.request)
-
-    def _verify(self, lease: Lease, msg: P.TransferDone) -> str:
-        if lease.state is not LeaseState.SENT or msg.n_tokens != lease.n_tokens:
-            return (f"bad TransferDone for image {lease.image}: {msg.n_tokens} rows, "
-                    f"{lease.n_tokens} lent")  # fmt: skip
-        assert lease.blocks is not None
-        embeds, deepstack = self.buffers.gather(lease.blocks, lease.n_tokens)
-        if rows_checksum(embeds, deepstack, self.buffers.block_tokens) != msg.checksum:
-            return f"rows of image {lease.image} do not match the sender's checksum"
-        return ""
 
     def _on_failed(self, link: Any, msg: P.EncodeFailed) -> None:
         if msg.generation == 0:  # the answer to an Abort for a job the encoder did not have
@@ -198,21 +226,38 @@ class Receiver:
 
     def _complete(self, req: Pending) -> None:
         """Every image verified: hand the rows to ``on_ready`` (it copies them), then give the
-        blocks back once that copy has completed."""
+        blocks back once that copy has completed. With the memory elsewhere, hand over where
+        the rows are instead; the blocks come back with ``release``."""
         self._forget(req)
         req.marks["done_received"] = time.perf_counter()
-        parts = [self.buffers.gather(x.blocks or [], x.n_tokens) for x in req.leases]
+        prompt = req.prompt
+        last = max(req.leases, key=lambda x: _total(x.timings))
+        if not self.local:
+            self.handed[req.rid] = req
+            runs = [
+                r for x in req.leases for r in self.buffers.block_rows(x.blocks or [], x.n_tokens)
+            ]
+            ready = ReceivedPrompt(
+                input_ids=prompt.input_ids, positions=prompt.positions,
+                visual_mask=prompt.visual_mask, embeds=None, deepstack=None,
+                image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
+                pool_runs=runs, n_visual=sum(x.n_tokens for x in req.leases),
+                release=lambda: self.release(req),
+            )  # fmt: skip
+            req.on_ready(ready, None)  # the engine calls ``release`` once done with the rows
+            return
+        pool: MultimodalDataBuffers = self.buffers  # type: ignore[assignment]
+        parts = [pool.gather(x.blocks or [], x.n_tokens) for x in req.leases]
         if len(parts) == 1:
             embeds, deepstack = parts[0]
         else:
             embeds = torch.cat([e for e, _ in parts])
             deepstack = torch.cat([d for _, d in parts])
-        prompt = req.prompt
-        last = max(req.leases, key=lambda x: _total(x.timings))
         ready = ReceivedPrompt(
             input_ids=prompt.input_ids, positions=prompt.positions,
             visual_mask=prompt.visual_mask, embeds=embeds, deepstack=deepstack,
             image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
+            n_visual=embeds.shape[0],
         )  # fmt: skip
         try:
             req.on_ready(ready, None)  # the engine copies the rows it needs before returning
@@ -221,6 +266,14 @@ class Receiver:
                 self.lent.pop(lease.key, None)
                 self._free_after_copy(lease.blocks)
                 lease.blocks = None
+
+    def release(self, req: Pending) -> None:
+        """The engine is done with ``req``'s rows (memory elsewhere): its blocks come back.
+        Idempotent; a no-op for requests whose rows were never handed over."""
+        if self.handed.pop(req.rid, None) is not req:
+            return
+        for lease in req.leases:
+            self._return(lease)
 
     def fail(self, req: Pending, error: RequestError, skip: Lease | None = None) -> None:
         """End ``req`` with ``error``. Its encoders are told to stop (Abort); blocks that they
@@ -233,7 +286,7 @@ class Receiver:
                 if lease is not skip:
                     lease.link.send(P.Abort(rid=req.rid, image=lease.image,
                                             reason=error.message[:4000]))  # fmt: skip
-            elif lease.state is LeaseState.VERIFIED:  # written and checked: nobody writes there
+            elif lease.state in (LeaseState.WRITTEN, LeaseState.VERIFIED):  # nobody writes there
                 self._return(lease)
             elif lease.blocks is not None:  # taken, but its job never went out
                 self._free(lease.blocks)

@@ -22,20 +22,30 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class ReceivedPrompt:
-    """A prompt whose visual rows have arrived: everything an engine needs."""
+    """A prompt whose visual rows have arrived: everything an engine needs.
+
+    The rows come one of two ways. Pool here: ``embeds``/``deepstack`` are views into it,
+    valid only inside ``on_ready`` (the engine copies them). Pool in the engine's own process
+    (``--engine sglang``): ``pool_runs`` says where the rows are, ``(pool_row, rows)`` in
+    order, and the engine calls ``release()`` once it will not read them again.
+    """
 
     input_ids: torch.Tensor  # [seq]
     positions: torch.Tensor  # [3, seq]
     visual_mask: torch.Tensor  # [seq] bool
-    embeds: torch.Tensor  # [n_vis, H]: views into the pool, valid only inside on_ready
-    deepstack: torch.Tensor  # [n_vis, 3H]
+    embeds: torch.Tensor | None  # [n_vis, H]
+    deepstack: torch.Tensor | None  # [n_vis, 3H]
     image_grid_thw: torch.Tensor  # [n_images, 3]
     timings: P.EncodeTimings  # of the image that finished last (the critical path)
+    n_visual: int = 0  # visual rows in all
+    pool_runs: list[tuple[int, int]] | None = None
+    release: Callable[[], None] | None = None
 
 
 class LeaseState(enum.Enum):
     WAITING = "waiting"  # no blocks yet (the request waits for room in the pool)
     SENT = "sent"  # blocks lent to ``link``; its EncodeJob is out
+    WRITTEN = "written"  # TransferDone arrived: the write ended; the rows are being checked
     VERIFIED = "verified"  # TransferDone checked: the rows are in the blocks
     ORPHANED = "orphaned"  # the request ended; the blocks wait for their writer to let go
 

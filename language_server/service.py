@@ -110,7 +110,7 @@ class ChatService:
     def _image_job(self, req: ChatRequest, prompt: ReceivedPrompt, emit) -> GenJob:
         """The engine copies the received rows out of the pool; the blocks are freed after."""
         t = prompt.timings
-        n_vis = prompt.embeds.shape[0]
+        n_vis = prompt.n_visual
         req.timings["visual_tokens"] = n_vis
         req.timings["transfer_bytes"] = n_vis * self.receiver.buffers.bytes_per_token
         lent = req.marks.get("lent", req.marks["start"])

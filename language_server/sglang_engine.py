@@ -80,6 +80,7 @@ class SGLangRequest:
     input_ids: list[int]
     sampling: dict[str, Any]
     image_data: list[dict[str, Any]] | None = None
+    release: Callable[[], None] | None = None  # blocks back to the pool (thread-safe, once)
     future: Any = None  # concurrent.futures.Future of the coroutine on the SGLang loop
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)  # per step
 
@@ -113,14 +114,17 @@ class SGLangEngine(EngineBase):
         self._children = sorted(_child_pids() - before)  # SGLang's scheduler and detokenizer
 
     @classmethod
-    def from_config(cls, config: LanguageConfig, **overrides: Any) -> SGLangEngine:
-        """Start SGLang's engine for ``config.model`` (blocks until the model is loaded).
+    def from_config(
+        cls, config: LanguageConfig, pool: dict[str, Any] | None = None, **overrides: Any
+    ) -> SGLangEngine:
+        """Start SGLang's engine for ``config.model`` (blocks until the model is loaded);
+        ``pool`` (see ``pool_spec``) makes its scheduler process host the receive pool.
 
         Called on the main thread (the server's start-up), it also handles SIGQUIT, which SGLang's
         watchdog sends this process when one of its children dies: the server logs it, kills
         SGLang's remaining processes and exits with status 70 instead of dumping core.
         """
-        engine = cls(lambda: start_sglang(config, **overrides))
+        engine = cls(lambda: start_sglang(config, pool, **overrides))
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGQUIT, engine._on_child_death)
         return engine
@@ -144,26 +148,38 @@ class SGLangEngine(EngineBase):
         return GenJob(input_ids, positions, params, emit, payload=request)
 
     def job_for_image(self, prompt: ReceivedPrompt, params: SamplingParams, emit: Emit) -> GenJob:
-        # The one copy: the pool's two views -> SGLang's single [n, 4H] tensor. The pool's blocks
-        # are freed when this returns; ``rows`` is owned by the request from here on.
-        rows = torch.cat([prompt.embeds, prompt.deepstack], dim=1)
         positions = prompt.positions
         delta = int(positions.max()) + 1 - positions.shape[1]
-        item = {
+        item: dict[str, Any] = {
             "format": "processor_output",
-            "precomputed_embeddings": rows,
             "image_grid_thw": prompt.image_grid_thw,
             "mrope_positions": positions,
             "mrope_position_delta": torch.tensor([[delta]], dtype=torch.long),
-            "hash": secrets.randbits(62),  # unique: no hashing of the rows, no false cache hit
+            # Unique per request: no hashing of the rows, and no KV of one request's visual rows
+            # is ever reused for another's (the radix cache keys image positions by this).
+            "hash": secrets.randbits(62),
         }
-        request = SGLangRequest(
-            _rid(), prompt.input_ids.tolist(), sampling_params(params), image_data=[item]
-        )
+        release = None
+        if prompt.pool_runs is not None:
+            # The rows stay in the pool (in SGLang's scheduler process); the model copies them
+            # from there into its inputs. Plain values only: this dict crosses SGLang's msgpack.
+            item["modality"] = "IMAGE"  # else SGLang drops the unknown key
+            item["epd_pool"] = {"v": 1, "rows": prompt.n_visual,
+                                "runs": [[int(r), int(n)] for r, n in prompt.pool_runs]}  # fmt: skip
+            release = _once_on(asyncio.get_running_loop(), prompt.release)
+        else:
+            if prompt.embeds is None or prompt.deepstack is None:
+                raise RuntimeError("a received prompt has neither rows nor a pool descriptor")
+            # The pool is in this process: its two views -> SGLang's single [n, 4H] tensor, the
+            # rows' first copy (SGLang then copies them to /dev/shm and into the model's inputs).
+            item["precomputed_embeddings"] = torch.cat([prompt.embeds, prompt.deepstack], dim=1)
+        request = SGLangRequest(_rid(), prompt.input_ids.tolist(), sampling_params(params),
+                                image_data=[item], release=release)  # fmt: skip
         return GenJob(prompt.input_ids, positions, params, emit, payload=request)
 
     def submit(self, job: GenJob) -> None:
         if self._closed:
+            _release(job.payload)
             job.emit("error", "the SGLang engine is closed")
             return
         job.marks["queued"] = time.perf_counter()
@@ -176,6 +192,8 @@ class SGLangEngine(EngineBase):
         request: SGLangRequest = job.payload
         if request.future is not None and not self._closed:
             self._loop.call_soon_threadsafe(self._abort, request)
+        else:
+            _release(request)
 
     def close(self) -> None:
         """Stop SGLang's processes (only those it started here), then the loop thread.
@@ -203,6 +221,7 @@ class SGLangEngine(EngineBase):
     async def _serve(self, job: GenJob) -> None:
         request: SGLangRequest = job.payload
         if job.cancelled:
+            _release(request)
             return
         self._running += 1
         job.marks["prefill_start"] = time.perf_counter()
@@ -218,6 +237,10 @@ class SGLangEngine(EngineBase):
                 job.emit("error", f"{type(exc).__name__}: {exc}")
         finally:
             self._running -= 1
+            # SGLang is done with the request (finished, failed or aborted): its scheduler will
+            # not read the rows again. (An aborted prefill may still be reading; its output is
+            # thrown away, and the unique hash keeps its KV from ever being reused.)
+            _release(request)
 
     async def _stream(self, job: GenJob, request: SGLangRequest) -> str:
         logprobs = self.top_logprobs_num > 0
@@ -252,6 +275,24 @@ class SGLangEngine(EngineBase):
         except Exception:  # noqa: BLE001 - the request may be finished already
             log.debug("abort of %s failed", request.rid, exc_info=True)
         request.future.cancel()
+        _release(request)  # a coroutine cancelled before it ran has no finally
+
+
+def _once_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None] | None) -> Callable[[], None]:
+    """``fn`` run once, on ``loop`` (the server's: the receiver is not thread-safe)."""
+    done = threading.Lock()
+
+    def call() -> None:
+        if fn is not None and done.acquire(blocking=False):
+            with contextlib.suppress(RuntimeError):  # the server's loop is closed: shutting down
+                loop.call_soon_threadsafe(fn)
+
+    return call
+
+
+def _release(request: SGLangRequest) -> None:
+    if request.release is not None:
+        request.release()
 
 
 def sampling_params(params: SamplingParams) -> dict[str, Any]:
@@ -271,18 +312,35 @@ def sampling_params(params: SamplingParams) -> dict[str, Any]:
     return out
 
 
-def engine_args(config: LanguageConfig, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of ``sglang.Engine`` for ``config`` (+ EPD_SGLANG_ARGS, + overrides)."""
+def pool_spec(config: LanguageConfig, address: str) -> dict[str, Any]:
+    """What SGLang's scheduler process needs to host the receive pool (plain JSON values):
+    the front door's channel ``address``, the transport and its options, sizes, dtype."""
+    return {"address": address, "transport": config.transport,
+            "options": config.receiver_options(), "num_blocks": config.num_blocks,
+            "block_tokens": config.block_tokens, "dtype": config.dtype}  # fmt: skip
+
+
+def engine_args(
+    config: LanguageConfig, pool: dict[str, Any] | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Keyword arguments of ``sglang.Engine`` for ``config`` (+ EPD_SGLANG_ARGS, + overrides).
+
+    ``pool`` (``pool_spec``) reaches our model's ``__init__`` in the scheduler process as
+    ``config.epd_pool`` (SGLang sets every key of ``json_model_override_args`` on the config).
+    """
     device, _, index = config.device.partition(":")
+    model_overrides: dict[str, Any] = {"architectures": ARCHITECTURES}
+    if pool is not None:
+        model_overrides["epd_pool"] = pool
     args: dict[str, Any] = {
         "model_path": str(config.model),
         "dtype": config.dtype,
         "device": device,
-        "json_model_override_args": json.dumps({"architectures": ARCHITECTURES}),
+        "json_model_override_args": json.dumps(model_overrides),
         "log_level": config.log_level.lower(),
         # ids in, ids out, but keep SGLang's tokenizer: with skip_tokenizer_init its tokenizer
-        # manager pickles the [n, 4H] rows inline to the scheduler (2+ copies) instead of one
-        # copy into shared memory.
+        # manager would pickle the tensor path's [n, 4H] rows inline to the scheduler (2+
+        # copies) instead of one copy into shared memory.
         "skip_tokenizer_init": False,
         "random_seed": 0,
     }
@@ -300,7 +358,8 @@ def engine_args(config: LanguageConfig, **overrides: Any) -> dict[str, Any]:
     return args
 
 
-def start_sglang(config: LanguageConfig, **overrides: Any) -> Any:
+def start_sglang(config: LanguageConfig, pool: dict[str, Any] | None = None,
+                 **overrides: Any) -> Any:  # fmt: skip
     """Register our model package, then start ``sglang.Engine`` (blocks ~20 s on CPU)."""
     current = os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE")
     if current not in (None, "", EXTERNAL_PACKAGE):
@@ -315,7 +374,17 @@ def start_sglang(config: LanguageConfig, **overrides: Any) -> Any:
             f"--engine sglang needs SGLang 0.5.23 ({exc}); GPU nodes: pip install -e '.[sglang]' "
             "(see docs/sglang.md), CPU: bash scripts/setup_sglang.sh"
         ) from exc
-    args = engine_args(config, **overrides)
+    args = engine_args(config, pool, **overrides)
+    if args["device"] == "cpu" and int(args.get("tp_size", 1)) > 1:
+        # TP on CPU: one OpenMP core set per rank (SGLang otherwise asks for a NUMA node per
+        # rank), and no NCCL (a CUDA build of torch finds libnccl and SGLang then wants CUDA);
+        # the ranks talk over gloo.
+        cores = os.cpu_count() or 1
+        per = max(1, cores // int(args["tp_size"]))
+        binds = "|".join(f"{r * per}-{r * per + per - 1}" if per > 1 else str(r * per % cores)
+                         for r in range(int(args["tp_size"])))  # fmt: skip
+        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", binds)
+        os.environ.setdefault("SGLANG_NCCL_SO_PATH", "/nonexistent/libnccl.so.2")
     log.info("starting SGLang's engine: %s", {k: v for k, v in args.items() if k != "model_path"})
     return Engine(**args)
 

@@ -14,11 +14,13 @@ thread-safe.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from transfer.allocator import BlockAllocator
 from transfer.base import TransferReceiver, coalesce
+from transfer.checksum import pool_rows_checksum
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -44,16 +46,17 @@ class BlockAddresses:
     deepstack_addrs: list[int]
 
 
-class MultimodalDataBuffers:
-    def __init__(
-        self,
-        num_blocks: int,
-        block_tokens: int,
-        hidden: int,
-        dtype: torch.dtype = torch.float32,
-        receiver: TransferReceiver | None = None,
-        device: str | torch.device = "cpu",
-    ) -> None:
+class PoolLayout:
+    """The pool without its memory: sizes, the block allocator, and where blocks are.
+
+    What the lender needs (``language_server.receiver.Receiver``): with ``--engine sglang`` the
+    memory lives in SGLang's scheduler process and the front door holds only this, built from
+    the host's ``PoolHello`` (``from_hello``). ``MultimodalDataBuffers`` is this plus memory.
+    """
+
+    def __init__(self, num_blocks: int, block_tokens: int, hidden: int,
+                 dtype: torch.dtype = torch.float32, session: str = "", embed_base: int = 0,
+                 deepstack_base: int = 0) -> None:  # fmt: skip
         if block_tokens < 1 or hidden < 1:
             raise ValueError("block_tokens and hidden must be >= 1")
         dtype_name(dtype)
@@ -64,17 +67,13 @@ class MultimodalDataBuffers:
             hidden,
             dtype,
         )
-        self.receiver = receiver
-        rows = num_blocks * block_tokens
-        elt = torch.empty((), dtype=dtype).element_size()
-        nbytes = rows * 4 * hidden * elt
-        if receiver is not None:
-            storage = receiver.allocate(nbytes, device)
-        else:
-            storage = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        split = rows * hidden * elt
-        self.embeds = storage[:split].view(dtype).view(rows, hidden)
-        self.deepstack = storage[split:].view(dtype).view(rows, 3 * hidden)
+        self.session, self.embed_base, self.deepstack_base = session, embed_base, deepstack_base
+
+    @classmethod
+    def from_hello(cls, hello: Any) -> PoolLayout:
+        """The layout a pool's host announced (a ``protocol.pool.PoolHello``)."""
+        return cls(hello.num_blocks, hello.block_tokens, hello.hidden, DTYPES[hello.dtype],
+                   hello.session, hello.embed_base, hello.deepstack_base)  # fmt: skip
 
     # --- sizes ------------------------------------------------------------------------------
 
@@ -88,7 +87,7 @@ class MultimodalDataBuffers:
 
     @property
     def bytes_per_token(self) -> int:
-        return 4 * self.hidden * self.embeds.element_size()
+        return 4 * self.hidden * torch.empty((), dtype=self.dtype).element_size()
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_tokens)
@@ -113,20 +112,16 @@ class MultimodalDataBuffers:
         self.allocator.free(blocks)
 
     def describe(self, blocks: list[int]) -> BlockAddresses:
-        """Remote addresses of ``blocks`` for a grant (requires a receiver)."""
-        if self.receiver is None:
+        """Remote addresses of ``blocks`` for an ``EncodeJob`` (requires a transport session)."""
+        if not self.session:
             raise RuntimeError("buffers have no transport receiver")
-        e0 = self.receiver.address_of(self.embeds)
-        d0 = self.receiver.address_of(self.deepstack)
-        e_blk = self.block_tokens * self.hidden * self.embeds.element_size()
+        e_blk = self.block_tokens * self.hidden * torch.empty((), dtype=self.dtype).element_size()
         return BlockAddresses(
-            session=self.receiver.session,
+            session=self.session,
             block_tokens=self.block_tokens,
-            embed_addrs=[e0 + b * e_blk for b in blocks],
-            deepstack_addrs=[d0 + b * 3 * e_blk for b in blocks],
+            embed_addrs=[self.embed_base + b * e_blk for b in blocks],
+            deepstack_addrs=[self.deepstack_base + b * 3 * e_blk for b in blocks],
         )
-
-    # --- reading ----------------------------------------------------------------------------
 
     def block_rows(self, blocks: list[int], n_tokens: int) -> list[tuple[int, int]]:
         """``(start_row, rows)`` runs in pool coordinates that hold the request's rows."""
@@ -135,6 +130,47 @@ class MultimodalDataBuffers:
             raise ValueError(f"{n_tokens} tokens do not fit {len(blocks)} blocks")
         runs = coalesce(n_tokens, bt, [(b * bt,) for b in blocks], (1,))
         return [(start[0], rows) for _, rows, start in runs]
+
+
+class MultimodalDataBuffers(PoolLayout):
+    """The pool with its memory, allocated (and registered) by the transport's receiver."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_tokens: int,
+        hidden: int,
+        dtype: torch.dtype = torch.float32,
+        receiver: TransferReceiver | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(num_blocks, block_tokens, hidden, dtype)
+        self.receiver = receiver
+        rows = num_blocks * block_tokens
+        elt = torch.empty((), dtype=dtype).element_size()
+        nbytes = rows * 4 * hidden * elt
+        if receiver is not None:
+            storage = receiver.allocate(nbytes, device)
+        else:
+            storage = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        split = rows * hidden * elt
+        self.embeds = storage[:split].view(dtype).view(rows, hidden)
+        self.deepstack = storage[split:].view(dtype).view(rows, 3 * hidden)
+        if receiver is not None:
+            self.session = receiver.session
+            self.embed_base = receiver.address_of(self.embeds)
+            self.deepstack_base = receiver.address_of(self.deepstack)
+
+    def checksum(self, blocks: list[int], n_tokens: int) -> int:
+        """``rows_checksum`` of the rows in ``blocks``, read in place (no gather)."""
+        bt = self.block_tokens
+        if not 0 <= n_tokens <= len(blocks) * bt:
+            raise ValueError(f"{n_tokens} tokens do not fit {len(blocks)} blocks")
+        return pool_rows_checksum(
+            self.embeds, self.deepstack, n_tokens, bt, lambda r: blocks[r // bt] * bt + r % bt
+        )
+
+    # --- reading ----------------------------------------------------------------------------
 
     def gather(self, blocks: list[int], n_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The request's ``(embeds [n, H], deepstack [n, 3H])``.

@@ -10,6 +10,7 @@ everything, for tests and debugging.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -50,6 +51,22 @@ def rows_checksum(
     if deepstack.shape[0] != n:
         raise ValueError(f"row counts differ: {n} vs {deepstack.shape[0]}")
     rows = None if full else _rows(n, block_tokens)
+    crc = zlib.crc32(_sample(embeds, rows))
+    crc = zlib.crc32(_sample(deepstack, rows), crc)
+    return crc ^ (n << 32)
+
+
+def pool_rows_checksum(
+    embeds: torch.Tensor,
+    deepstack: torch.Tensor,
+    n: int,
+    block_tokens: int,
+    pool_row: Callable[[int], int],
+) -> int:
+    """``rows_checksum`` of ``n`` rows that live scattered in a pool: row ``r`` of the request is
+    row ``pool_row(r)`` of ``embeds``/``deepstack``. Reads only the sampled rows, in place, and
+    equals ``rows_checksum`` of the gathered rows."""
+    rows = [pool_row(r) for r in _rows(n, block_tokens)]
     crc = zlib.crc32(_sample(embeds, rows))
     crc = zlib.crc32(_sample(deepstack, rows), crc)
     return crc ^ (n << 32)

@@ -47,6 +47,7 @@ from sglang.srt.utils import add_prefix
 from sglang.srt.utils.hf_transformers.common import get_rope_config
 from torch import nn
 
+from language_server.sglang_models import pool_host
 from language_server.weights import LANGUAGE_PREFIX, LM_HEAD, to_internal
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,13 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
                 prefix=add_prefix("lm_head", prefix),
             )  # fmt: skip
         self.logits_processor = LogitsProcessor(text)
+        self.pool: pool_host.PoolHost | None = None
+        spec = getattr(config, "epd_pool", None)
+        parallel = get_parallel()
+        if spec and self.pp_group.is_first_rank and parallel.tp_group.rank_in_group == 0:
+            # The receive pool where the model runs; not a parameter or buffer of the model.
+            self.pool = pool_host.start_host(spec, text.hidden_size, torch.get_default_device())
+        self.tp_group = parallel.tp_group
 
     def _check_pipeline_split(self) -> None:
         n = self.num_deepstack_embeddings
@@ -213,6 +221,15 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
             raise NotImplementedError("Qwen3MoeForCausalLMWithDeepStack is a generation model")
         if self.is_mrope_enabled:
             positions = forward_batch.mrope_positions
+        from_pool = self._inputs_from_pool(input_ids, forward_batch)
+        if from_pool is not None:
+            embeds, deepstack = from_pool
+            hidden = self.model(
+                input_ids=None, positions=positions, forward_batch=forward_batch,
+                input_embeds=embeds, pp_proxy_tensors=pp_proxy_tensors,
+                input_deepstack_embeds=deepstack,
+            )  # fmt: skip
+            return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
         hidden = general_mm_embed_routine(
             input_ids=input_ids, forward_batch=forward_batch, language_model=self.model,
             multimodal_model=self, positions=positions, use_deepstack=self.use_deepstack,
@@ -221,6 +238,70 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
         if not self.pp_group.is_last_rank:
             return hidden
         return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
+
+    # --- visual rows straight from the receive pool ----------------------------------------
+
+    def _inputs_from_pool(
+        self, input_ids: torch.Tensor, forward_batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(input_embeds [N, H], deepstack [N, kH])`` for a prefill batch in which some image
+        arrived as a pool descriptor (``epd_pool``), else None (SGLang's own routine runs).
+
+        Each visual row is copied once, from the pool's views into the batch's inputs (the same
+        chunk arithmetic as SGLang's ``get_embedding_chunk``: a chunked prefill copies each row
+        in the chunk that holds its position). With TP > 1 only rank 0 holds the pool: it copies,
+        then broadcasts each run of visual positions over the TP group into the other ranks'
+        inputs, so each byte crossed the network once. Items with precomputed tensors (not
+        from a pool) in the same batch are scattered the same way.
+        """
+        mode = forward_batch.forward_mode
+        mm = forward_batch.mm_inputs
+        if (mode.is_decode() or mode.is_target_verify() or not mm
+                or not self.pp_group.is_first_rank
+                or not any(_descriptor(x) is not None for m in mm if m is not None
+                           for x in m.mm_items)):  # fmt: skip
+            return None
+        vocab = self.config.vocab_size
+        embeds = self.model.embed_tokens(input_ids.clamp(0, vocab - 1))
+        width = self.num_deepstack_embeddings * self.config.hidden_size
+        deepstack = embeds.new_zeros(embeds.shape[0], width) if width else None
+        start = 0
+        lens = zip(
+            mm, forward_batch.extend_prefix_lens_cpu, forward_batch.extend_seq_lens_cpu, strict=True
+        )
+        for mm_input, prefix, length in lens:
+            for item in mm_input.mm_items if mm_input is not None else ():
+                for dest, row, n in _chunk_runs(item.offsets or [], prefix, length, start):
+                    self._place(item, embeds, deepstack, dest, row, n)
+            start += length
+        forward_batch.mm_inputs = None  # as SGLang's routine: consumed
+        if forward_batch.input_embeds is not None:  # preallocated (CUDA graphs)
+            forward_batch.input_embeds.copy_(embeds)
+            embeds = forward_batch.input_embeds
+        return embeds, deepstack
+
+    def _place(self, item: MultimodalDataItem, embeds: torch.Tensor,
+               deepstack: torch.Tensor | None, dest: int, row: int, n: int) -> None:  # fmt: skip
+        """Rows ``row..+n`` of ``item`` into positions ``dest..+n`` of the batch."""
+        desc = _descriptor(item)
+        if desc is None:  # a precomputed [n, 4H] tensor (the tensor path)
+            rows = item.precomputed_embeddings
+            if rows is None:
+                raise RuntimeError("an image item has neither a pool descriptor nor rows")
+            e, d = self.separate_deepstack_embeds(rows.reshape(-1, rows.shape[-1]))
+            embeds[dest : dest + n].copy_(e[row : row + n])
+            if deepstack is not None:
+                deepstack[dest : dest + n].copy_(d[row : row + n])
+            return
+        if self.pool is not None:
+            for d, pool_row, m in _pool_segments(desc["runs"], dest, row, n):
+                self.pool.copy_rows(embeds, deepstack, d, pool_row, m)
+        if self.tp_group.world_size > 1:  # rank 0 holds the pool; the others receive
+            self.tp_group.broadcast(embeds[dest : dest + n], src=0)
+            if deepstack is not None:
+                self.tp_group.broadcast(deepstack[dest : dest + n], src=0)
+        elif self.pool is None:
+            raise RuntimeError("an image arrived as a pool descriptor but no pool is here")
 
     # --- weights ----------------------------------------------------------------------------
 
@@ -315,6 +396,41 @@ def _local_name(name: str) -> str | None:
     if name == LM_HEAD or name.startswith("model."):  # also a plain Qwen3-MoE text checkpoint
         return name
     return None
+
+
+def _descriptor(item: MultimodalDataItem) -> dict | None:
+    """The ``epd_pool`` descriptor of an image item (from ``SGLangEngine.job_for_image``)."""
+    return item.model_specific_data.get("epd_pool")
+
+
+def _chunk_runs(offsets: list, prefix: int, length: int, start: int) -> list[tuple[int, int, int]]:
+    """``(batch_position, item_row, rows)`` for the item's rows inside this request's chunk.
+
+    ``offsets`` are the item's ``[first, last]`` token positions (inclusive) per image, in
+    order; the request's chunk covers positions ``prefix..prefix+length-1`` and starts at
+    ``start`` in the batch.
+    """
+    out, row, end = [], 0, prefix + length - 1
+    for first, last in offsets:
+        lo, hi = max(first, prefix), min(last, end)
+        if lo <= hi:
+            out.append((start + lo - prefix, row + lo - first, hi - lo + 1))
+        row += last - first + 1
+    return out
+
+
+def _pool_segments(runs: list, dest: int, row: int, n: int) -> list[tuple[int, int, int]]:
+    """Item rows ``row..+n`` mapped through the descriptor's ``runs`` (``[pool_row, rows]``
+    in item order) to ``(batch_position, pool_row, rows)`` segments."""
+    out, base = [], 0
+    for pool_row, rows in runs:
+        lo, hi = max(row, base), min(row + n, base + rows)
+        if lo < hi:
+            out.append((dest + lo - row, pool_row + lo - base, hi - lo))
+        base += rows
+    if sum(m for _, _, m in out) != n:
+        raise RuntimeError(f"the pool descriptor holds {base} rows; rows {row}..{row + n} asked")
+    return out
 
 
 _EXPERT_MAPPINGS: dict[int, list] = {}

@@ -185,3 +185,84 @@ def test_stale_generation_and_wrong_link_are_dropped(transport):
     assert rx.dropped_messages == 2 and not results
     rx.on_message(link, done)
     assert len(results) == 1 and rx.buffers.num_free == 8
+
+
+# --- the pool in another process (--engine sglang): verified there, released by the engine ---
+
+
+def test_a_pool_elsewhere_is_verified_by_its_host_and_held_until_released():
+    """The Receiver lends a memory-less ``PoolLayout``; the pool's host (here in this process,
+    on the real channel and the shm transport) checks each image's rows in place; the rows are
+    handed over as pool runs and the blocks come back only on ``release``. Rows that do not
+    match fail the request with 502 and every block comes back."""
+    import asyncio
+
+    from language_server.pool_link import PoolHostLink
+    from language_server.requests import ReceivedPrompt
+    from language_server.sglang_models.pool_host import PoolHost
+    from transfer.buffers import PoolLayout
+
+    async def until(cond, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+
+    async def main():
+        door = PoolHostLink()
+        spec = {"address": door.address, "transport": "shm", "num_blocks": 8,
+                "block_tokens": BLOCK, "dtype": "float32"}  # fmt: skip
+        host = PoolHost(spec, HIDDEN, "cpu")
+        try:
+            door.wait_hello(10)
+            door.start()
+            rx = Receiver(PoolLayout.from_hello(door.hello), host=door)
+            assert not rx.local and not hasattr(rx.buffers, "embeds")
+            link, results, written = Link(), [], {}
+            for rid, tokens, corrupt in [("a", (6, 3), False), ("b", (5,), True)]:
+                req = Pending(rid, Prompt(tuple(Image(b"png", (1, 2, 2 * n), n) for n in tokens)),
+                              lambda rows, err: results.append(err or rows))  # fmt: skip
+                req.leases = [Lease(req, i, n) for i, n in enumerate(tokens)]
+                rx.on_lent = lambda p: [rx.sent(x, link) for x in p.leases]
+                rx.admit(req)
+                written[rid] = []
+                for k, lease in enumerate(req.leases):
+                    job = rx.job(lease, b"png", [1, 2, 2 * lease.n_tokens])
+                    done, e, d = _write_into(host.buffers, job, seed=k)
+                    written[rid].append(e)
+                    if corrupt:
+                        host.buffers.embeds[job.blocks[0] * BLOCK] += 1.0
+                    rx.on_message(link, done)
+                await until(lambda: len(results) == (1 if rid == "a" else 2))
+            ready, failed = results
+            assert isinstance(ready, ReceivedPrompt) and ready.embeds is None
+            assert ready.n_visual == 9 and sum(n for _, n in ready.pool_runs) == 9
+            rows = torch.cat([host.buffers.embeds[r : r + n] for r, n in ready.pool_runs])
+            assert torch.equal(rows, torch.cat(written["a"]))  # in image order
+            assert isinstance(failed, RequestError) and failed.status == 502
+            assert "do not match the sender's checksum" in failed.message
+            assert rx.buffers.num_free == 8 - 3  # a's blocks: handed to the engine
+            ready.release()
+            ready.release()  # idempotent
+            assert rx.buffers.num_free == 8 and not rx.lent and not rx.handed
+            assert (await door.stats()).verified == 3
+        finally:
+            await door.stop()
+            host.transport.close()
+            door.close()
+
+    asyncio.run(main())
+
+
+def _write_into(pool, job: P.EncodeJob, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(job.n_tokens, HIDDEN, generator=g)
+    d = torch.randn(job.n_tokens, 3 * HIDDEN, generator=g)
+    for i, b in enumerate(job.blocks):
+        rows = slice(i * BLOCK, min((i + 1) * BLOCK, job.n_tokens))
+        n = rows.stop - rows.start
+        pool.embeds[b * BLOCK : b * BLOCK + n] = e[rows]
+        pool.deepstack[b * BLOCK : b * BLOCK + n] = d[rows]
+    done = P.TransferDone(rid=job.rid, image=job.image, generation=job.generation,
+                          n_tokens=job.n_tokens, checksum=rows_checksum(e, d, BLOCK))  # fmt: skip
+    return done, e, d

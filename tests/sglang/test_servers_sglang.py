@@ -9,10 +9,14 @@ tokens must still equal transformers' monolithic model, through the HTTP API.
 from __future__ import annotations
 
 import importlib.util
+import json
+import socket
+import time
 
 import pytest
 
 from epd.cluster import LocalCluster
+from tests.e2e.conftest import data_url
 from tests.e2e.test_servers import (  # noqa: F401 - collected here, against the SGLang cluster
     test_bad_input_gets_400_with_a_reason,
     test_metrics_and_health,
@@ -35,12 +39,14 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, tmp_path_factory):
-    """Like tests/e2e's cluster, with ``--engine sglang`` (module scope: SGLang's processes stop
-    when this module is done)."""
+    """Like tests/e2e's cluster, with ``--engine sglang`` and small prefill chunks (module scope:
+    SGLang's processes stop when this module is done)."""
     logs = tmp_path_factory.mktemp("sglang-cluster-logs")
     with LocalCluster(
         tiny_model_dir, n_encoders=2, transport="mooncake", log_dir=logs, startup_timeout_s=240,
-        language_args=["--engine", "sglang", "--num-blocks", "64", "--block-tokens", "16"],
+        language_args=["--engine", "sglang", "--num-blocks", "64", "--block-tokens", "16",
+                       # prefill in chunks of 32 tokens: an image's rows span several chunks
+                       "--sglang-args", '{"chunked_prefill_size": 32}'],
     ) as c:  # fmt: skip
         yield c
 
@@ -49,6 +55,63 @@ def test_the_language_server_runs_sglang(cluster):
     log = (cluster.log_dir / "language.log").read_text(errors="replace")
     assert "starting SGLang's engine" in log
     assert "type=Qwen3MoeForCausalLMWithDeepStack" in log  # SGLang's "Load weight end" line
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+def test_the_pool_lives_in_the_scheduler_and_each_visual_row_is_copied_once(cluster, make_image):
+    """The receive pool is allocated and registered in SGLang's scheduler process; the front
+    door holds no pool memory and never loads the transport; every visual row of every request
+    is copied exactly once, from the pool into the model's inputs."""
+    import psutil
+
+    language = psutil.Process(cluster.procs["language"].pid)
+    pool = cluster.health()["pool"]
+    host = pool["host_pid"]
+    assert host != language.pid
+    assert host in {p.pid for p in language.children(recursive=True)}
+    assert "scheduler" in " ".join(psutil.Process(host).cmdline() + [psutil.Process(host).name()])
+    assert "mooncake" in _maps(host)  # the transport registered the pool there...
+    assert "mooncake" not in _maps(language.pid)  # ...and was never loaded in the front door
+    images = [[(64, 96, 31)], [(224, 320, 32), (96, 64, 33), (80, 112, 34)]]
+    for spec in images:
+        before = cluster.health()["pool"]
+        content = [{"type": "image_url", "image_url": {"url": data_url(make_image(h, w, seed))}}
+                   for h, w, seed in spec] + [{"type": "text", "text": "Describe."}]  # fmt: skip
+        status, reply = cluster.chat({"messages": [{"role": "user", "content": content}],
+                                      "max_tokens": 4, "temperature": 0})  # fmt: skip
+        assert status == 200, reply
+        after = cluster.health()["pool"]
+        n_visual = reply["epd"]["timings"]["visual_tokens"]
+        assert n_visual > 16 * len(spec) - 16  # spans blocks
+        assert after["rows_copied"] - before["rows_copied"] == n_visual
+        assert after["verified"] - before["verified"] == len(spec)
+        assert after["free_blocks"] == after["total_blocks"]
+
+
+def test_a_client_that_leaves_mid_generation_gives_every_block_back(cluster, make_image):
+    image = {"type": "image_url", "image_url": {"url": data_url(make_image(96, 96, 35))}}
+    body = json.dumps({"messages": [{"role": "user", "content": [image]}], "max_tokens": 2048,
+                       "ignore_eos": True, "stream": True}).encode()  # fmt: skip
+    port = int(cluster.url.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+              b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while cluster.health()["pool"]["lent_blocks"] == 0:  # rows handed to SGLang
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert s.recv(4096).startswith(b"HTTP/1.1 200")
+    s.close()
+    deadline = time.monotonic() + 30
+    while (pool := cluster.health()["pool"])["free_blocks"] != pool["total_blocks"]:
+        assert time.monotonic() < deadline, pool
+        time.sleep(0.05)
+    status, reply = cluster.chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert status == 200, reply
 
 
 def test_a_dead_sglang_scheduler_stops_the_language_server(tiny_model_dir, tmp_path):
