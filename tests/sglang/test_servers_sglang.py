@@ -18,6 +18,10 @@ import pytest
 from epd.cluster import LocalCluster
 from tests.e2e.conftest import data_url
 from tests.e2e.test_servers import (  # noqa: F401 - collected here, against the SGLang cluster
+    PROMPTS,
+    _body,
+    _content,
+    _monolithic_tokens,
     test_bad_input_gets_400_with_a_reason,
     test_metrics_and_health,
     test_openai_client_library,
@@ -112,6 +116,29 @@ def test_a_client_that_leaves_mid_generation_gives_every_block_back(cluster, mak
         time.sleep(0.05)
     status, reply = cluster.chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
     assert status == 200, reply
+
+
+def test_tensor_parallel_2_on_cpu_rank_0_holds_the_pool_and_broadcasts_the_rows(
+    tiny_model_dir, monolithic, make_image, tmp_path
+):
+    """TP 2 (gloo between the two CPU ranks): the encoder writes into rank 0's pool only; rank 0
+    copies each row once and broadcasts it to rank 1. Rank 1 computes half of every layer, so
+    rows missing there would change the tokens."""
+    with LocalCluster(tiny_model_dir, n_encoders=1, transport="mooncake", log_dir=tmp_path,
+                      startup_timeout_s=300, language_args=[
+                          "--engine", "sglang", "--block-tokens", "16", "--sglang-args",
+                          '{"tp_size": 2, "chunked_prefill_size": 32}']) as c:  # fmt: skip
+        total = 0
+        for name in ("two_images", "long_image"):
+            ours, theirs = _content(PROMPTS[name], make_image)
+            status, reply = c.chat(_body(ours))
+            assert status == 200, reply
+            assert reply["epd"]["token_ids"] == _monolithic_tokens(monolithic, theirs), name
+            total += reply["epd"]["timings"]["visual_tokens"]
+        pool = c.health()["pool"]
+        assert pool["rows_copied"] == total and pool["free_blocks"] == pool["total_blocks"]
+        log = (tmp_path / "language.log").read_text(errors="replace")
+        assert log.count("receive pool in the scheduler process") == 1  # rank 0 only
 
 
 def test_a_dead_sglang_scheduler_stops_the_language_server(tiny_model_dir, tmp_path):
