@@ -13,18 +13,15 @@ SGLang's (its multimodal processing, ZeroMQ I/O) never stalls the HTTP server. I
 process dies, the server exits (status 70) rather than serve errors forever.
 
 Inputs per request are what the encoder computed, never recomputed: the input ids with image pads
-already expanded, our M-RoPE positions ``[3, seq]`` (and their decode delta), and the received
-rows as ONE ``[n, 4H]`` tensor ``[embeds | ds0 | ds1 | ds2]`` in SGLang's precomputed format
-(``{"format": "processor_output", "precomputed_embeddings", "image_grid_thw"}``). Building that
-tensor with ``torch.cat`` out of the receive pool's views is the only copy made here, and SGLang's
-format forces it (it takes one tensor per request; the pool keeps embeds and deepstack in two
-regions, and its blocks are freed as soon as ``job_for_image`` returns).
-
-Copies of the visual rows per request, measured on one node (CPU): (1) ours, the ``torch.cat``;
-(2) SGLang's tokenizer manager -> scheduler process, one copy into /dev/shm
-(``ShmPointerMMData``; the scheduler maps it copy-on-write, no further copy); (3) the scheduler
-scatters the rows into the batch's ``[N, H]`` input embeddings and ``[N, 3H]`` DeepStack buffer,
-the model's input (the reference engine's ``build_input_embeds`` makes the same one).
+already expanded, our M-RoPE positions ``[3, seq]`` (and their decode delta), and the visual rows.
+The receive pool lives in SGLang's scheduler process (TP rank 0, on the model's device; see
+``sglang_models/pool_host.py`` and docs/sglang.md), so an image item carries only a descriptor,
+``{"modality": "IMAGE", "epd_pool": {"rows", "runs": [[pool_row, rows], ...]}}``: our model copies
+each visual row once, from the pool's views into its input embeddings and DeepStack buffer, and
+the blocks go back to the front door's lender when SGLang's stream of the request has ended.
+A ``ReceivedPrompt`` with tensors (a pool in this process; the golden test) still goes the old
+way: one ``[n, 4H]`` tensor in SGLang's precomputed format (``torch.cat``, then SGLang's copy into
+/dev/shm, then the scatter into the model's inputs: three copies).
 
 ``SGLANG_EXTERNAL_MODEL_PACKAGE`` is set to ``language_server.sglang_models`` before sglang is
 imported, and the checkpoint's ``architectures`` are overridden through
