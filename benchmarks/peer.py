@@ -12,9 +12,12 @@ directory), one at a time, so that they never share the cores with each other:
 
 Every system runs float32 on the CPU with attention backend torch_native, SGLang's prefix (radix)
 cache off, its multimodal caches off (``SGLANG_VLM_CACHE_SIZE_MB=0`` for the ViT-output cache,
-``--mm-preprocess-cache-size-mb 0`` for preprocessing artefacts), ``sleep_on_idle`` on and the
-same seed: the workload repeats one image, which a cache would serve without work. The exact
-command line and environment of each process are printed and kept in the JSON.
+``--mm-preprocess-cache-size-mb 0`` for preprocessing artefacts; the workload repeats one image,
+which a cache would serve without work), ``sleep_on_idle`` on and the same seed. One exception:
+sglang-split's language-only server runs without ``--sleep-on-idle`` by default, because SGLang
+0.5.23's idle sleeper does not wait on the socket the encoder's rows arrive on (with
+zmq_to_scheduler) and sleeps up to 1 s per request (``--split-sleep-on-idle``). The exact command
+line and environment of each process are printed and kept in the JSON.
 
 Workload: one 448x448 PNG (fixed-seed random pixels) and a short text, greedy, ``ignore_eos``,
 through each system's ``/v1/chat/completions``, at every (max_tokens, concurrency) point
