@@ -38,6 +38,9 @@ class GenJob:
     input_deepstack_embeds: torch.Tensor | None = None
     visual_mask: torch.Tensor | None = None
     payload: Any = None  # engine-specific inputs
+    # False: nobody reads tokens before the end (a whole answer, no stop strings to watch), so an
+    # engine may deliver them all at once (SGLang then sends one message per request, not per token)
+    stream: bool = True
     cancelled: bool = False
     generated: int = 0
     marks: dict[str, float] = field(default_factory=dict)

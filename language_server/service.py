@@ -104,6 +104,7 @@ class ChatService:
         except BaseException:
             self._active.discard(req.rid)
             raise
+        job.stream = req.stream or bool(req.stop)  # stop strings are watched token by token
         self.engine.submit(job)
         return Running(req, job, events, len(prompt.input_ids))
 

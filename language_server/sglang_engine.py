@@ -241,11 +241,12 @@ class SGLangEngine(EngineBase):
 
     async def _stream(self, job: GenJob, request: SGLangRequest) -> str:
         logprobs = self.top_logprobs_num > 0
-        chunks = await self.engine.async_generate(
+        out = await self.engine.async_generate(
             input_ids=request.input_ids, image_data=request.image_data,
-            sampling_params=request.sampling, stream=True, rid=request.rid,
+            sampling_params=request.sampling, stream=job.stream, rid=request.rid,
             return_logprob=logprobs, top_logprobs_num=self.top_logprobs_num if logprobs else None,
         )  # fmt: skip
+        chunks = out if job.stream else _one(out)
         sent = 0
         async for chunk in chunks:
             if job.cancelled:
@@ -285,6 +286,10 @@ def _once_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None] | None) -> 
                 loop.call_soon_threadsafe(fn)
 
     return call
+
+
+async def _one(item: Any) -> Any:
+    yield item
 
 
 def _release(request: SGLangRequest) -> None:
