@@ -35,10 +35,18 @@ def encode(msg: Message) -> bytes:
 
 def decode(data: bytes | bytearray | memoryview, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """Decode and validate untrusted bytes. Raises only ``ProtocolError``."""
+    return decode_with(_decoder, data, max_bytes)
+
+
+def decode_with(
+    decoder: msgspec.msgpack.Decoder, data: bytes | bytearray | memoryview, max_bytes: int
+) -> Message:
+    """``decoder.decode(data)`` for untrusted bytes of at most ``max_bytes``; raises only
+    ``ProtocolError`` (also for channels with their own message set, e.g. ``protocol.pool``)."""
     if len(data) > max_bytes:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
     try:
-        return _decoder.decode(data)
+        return decoder.decode(data)
     except (msgspec.MsgspecError, ValueError, TypeError, RecursionError, MemoryError) as exc:
         raise ProtocolError(str(exc) or type(exc).__name__) from None
 

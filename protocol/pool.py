@@ -18,7 +18,7 @@ from typing import Annotated
 
 import msgspec
 
-from protocol.codec import ProtocolError
+from protocol.codec import decode_with
 from protocol.messages import MAX_BLOCKS, U32, U64, DType, Hidden, Message, Name, Reason, Tokens
 
 Blocks = Annotated[list[U32], msgspec.Meta(max_length=MAX_BLOCKS)]
@@ -81,9 +81,4 @@ def encode_pool(msg: Message) -> bytes:
 
 def decode_pool(data: bytes | bytearray | memoryview) -> Message:
     """Decode one pool-channel message; raises only ``ProtocolError``."""
-    if len(data) > MAX_POOL_MESSAGE_BYTES:
-        raise ProtocolError(f"pool message of {len(data)} bytes is too large")
-    try:
-        return _decoder.decode(data)
-    except (msgspec.MsgspecError, ValueError, TypeError, RecursionError, MemoryError) as exc:
-        raise ProtocolError(str(exc) or type(exc).__name__) from None
+    return decode_with(_decoder, data, MAX_POOL_MESSAGE_BYTES)
