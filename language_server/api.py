@@ -43,7 +43,7 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
     @app.exception_handler(RequestError)
     async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
         metrics.requests.labels(status=str(exc.status)).inc()
-        return _error(exc.status, exc.message, exc.retry_after_s)
+        return _error(exc.status, exc.message, exc.retry_after_s, exc.param)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -56,11 +56,7 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        req = await _prepare(service, await _read_body(request, limit))
-        if req.model is not None and req.model not in names:  # as vLLM answers
-            metrics.requests.labels(status="404").inc()
-            shown = req.model if len(req.model) <= 256 else req.model[:256] + "..."
-            return _error(404, f"The model `{shown}` does not exist.", param="model")
+        req = await _prepare(service, await _read_body(request, limit))  # 404: unknown model
         run = await _unless_gone(request, service.start(req))
         if req.stream:
             return StreamingResponse(

@@ -15,9 +15,11 @@ import protocol as P
 class RequestError(Exception):
     """A request failed; ``status`` is the HTTP status the client gets."""
 
-    def __init__(self, status: int, message: str, retry_after_s: float = 0.0) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: float = 0.0,
+                 param: str | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.retry_after_s = status, message, retry_after_s
+        self.param = param  # the request field at fault, when one is
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,9 @@ class ChatService:
         req = parse_chat_request(
             json.loads(body), self.policy, self.config.max_new_tokens_limit, self.stop_ids
         )
+        if req.model is not None and req.model not in self.config.model_names:  # as vLLM
+            shown = req.model if len(req.model) <= 256 else req.model[:256] + "..."
+            raise RequestError(404, f"The model `{shown}` does not exist.", param="model")
         req.prompt = self.builder.build(req.turns, req.images, req.add_generation_prompt)
         return req
 

@@ -7,6 +7,7 @@ case the server still serves an image request and every block is free."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import gc
 import json
@@ -207,6 +208,12 @@ def test_unknown_model_is_a_404_like_vllm_and_aliases_match(live):
     assert status == 404
     assert reply == {"error": {"message": "The model `gpt-4o` does not exist.",
                                "type": "NotFoundError", "param": "model", "code": 404}}  # fmt: skip
+    # decided before the prompt is prepared: an image that is no image does not matter then
+    garbage = "data:image/png;base64," + base64.b64encode(b"not an image" * 100).decode()
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": garbage}}]}]}  # fmt: skip
+    assert _chat(live, body)[0] == 404
+    assert _chat(live, {**body, "model": NAMES[0]})[0] == 400
     for name in (*NAMES, None):
         body = _text(max_tokens=1) if name is None else _text(model=name, max_tokens=1)
         status, reply = _chat(live, body)
