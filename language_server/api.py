@@ -83,6 +83,7 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
                 "peak_used_blocks": receiver.peak_used,
                 "quarantined_blocks": receiver.orphaned_blocks,  # lent to writers of ended requests
                 "lent_blocks": receiver.lent_blocks,
+                "handed_blocks": receiver.handed_blocks,  # rows the engine reads in place
                 "waiting_requests": len(receiver.waiting),
                 "pending_requests": len(receiver.pending),
                 **(await _pool_host(receiver)),

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 from language_server.config import LanguageConfig
@@ -163,13 +164,13 @@ def build_app(config: LanguageConfig):
     if link is not None:
         try:
             hello = link.wait_hello()
+            if hello.hidden != hidden or hello.dtype != config.dtype:
+                raise SystemExit(f"the pool's host has hidden {hello.hidden} {hello.dtype}; "
+                                 f"the checkpoint says {hidden} {config.dtype}")  # fmt: skip
         except BaseException:
             engine.close()
             link.close()
             raise
-        if hello.hidden != hidden or hello.dtype != config.dtype:
-            raise SystemExit(f"the pool's host has hidden {hello.hidden} {hello.dtype}; "
-                             f"the checkpoint says {hidden} {config.dtype}")  # fmt: skip
         buffers: PoolLayout = PoolLayout.from_hello(hello)
         where = f"SGLang's scheduler process (pid {hello.pid}, {hello.device})"
     else:
@@ -218,10 +219,27 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(config.torch_threads)
+    # Take the HTTP port before loading anything: SGLang picks free ports for itself while it
+    # starts (tens of seconds), and one of them could otherwise be ours. Bound, not listening:
+    # clients are refused until the server is ready.
+    sock = _bind(config.host, config.port)
     app = build_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level.lower(),
-                access_log=False)  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
+                                           log_level=config.log_level.lower(), access_log=False))  # fmt: skip
+    server.run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port}: {exc}") from None
+    return sock
 
 
 if __name__ == "__main__":

@@ -77,6 +77,11 @@ class Receiver:
         )
 
     @property
+    def handed_blocks(self) -> int:
+        """Blocks whose rows the engine reads from a pool in its own process (until released)."""
+        return sum(len(x.blocks or ()) for r in self.handed.values() for x in r.leases)
+
+    @property
     def lent_blocks(self) -> int:
         """Blocks lent to encoders now (jobs out, verified rows, orphans)."""
         return sum(len(x.blocks or ()) for x in self.lent.values())
@@ -191,9 +196,7 @@ class Receiver:
             return  # the request ended meanwhile; its blocks went back then
         if problem:
             why = (
-                problem
-                if lease.state is LeaseState.SENT
-                else f"rows of image {lease.image} {problem}"
+                problem if problem.startswith("bad ") else f"rows of image {lease.image} {problem}"
             )
             self.fail(lease.request, RequestError(502, why), skip=lease)
             self._return(lease)
@@ -234,6 +237,8 @@ class Receiver:
         last = max(req.leases, key=lambda x: _total(x.timings))
         if not self.local:
             self.handed[req.rid] = req
+            for lease in req.leases:  # nothing an encoder says can touch them any more
+                self.lent.pop(lease.key, None)
             runs = [
                 r for x in req.leases for r in self.buffers.block_rows(x.blocks or [], x.n_tokens)
             ]
@@ -273,7 +278,8 @@ class Receiver:
         if self.handed.pop(req.rid, None) is not req:
             return
         for lease in req.leases:
-            self._return(lease)
+            self._free(lease.blocks)
+            lease.blocks = None
 
     def fail(self, req: Pending, error: RequestError, skip: Lease | None = None) -> None:
         """End ``req`` with ``error``. Its encoders are told to stop (Abort); blocks that they

@@ -229,6 +229,7 @@ class SGLangEngine(EngineBase):
         except asyncio.CancelledError:
             pass
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
+            self._abort_in_sglang(request)  # nobody reads it: stop SGLang computing it
             if not job.cancelled:
                 log.exception("SGLang generation failed for %s", request.rid)
                 job.emit("error", f"{type(exc).__name__}: {exc}")
@@ -268,12 +269,31 @@ class SGLangEngine(EngineBase):
         raise RuntimeError("SGLang's stream ended without a finish reason")
 
     def _abort(self, request: SGLangRequest) -> None:
+        self._abort_in_sglang(request)
+        request.future.cancel()
+        _release(request)  # a coroutine cancelled before it ran has no finally
+
+    def _abort_in_sglang(self, request: SGLangRequest) -> None:
         try:
             self.engine.tokenizer_manager.abort_request(rid=request.rid)
         except Exception:  # noqa: BLE001 - the request may be finished already
             log.debug("abort of %s failed", request.rid, exc_info=True)
-        request.future.cancel()
-        _release(request)  # a coroutine cancelled before it ran has no finally
+
+
+def _check_pool_args(args: dict[str, Any]) -> None:
+    """Settings the pool in TP rank 0's scheduler process cannot serve: refuse them at start."""
+    bad = []
+    if int(args.get("dp_size", 1) or 1) > 1 or int(args.get("attn_dp_size", 1) or 1) > 1:
+        bad.append("dp_size/attn_dp_size > 1 (one pool per replica; the front door knows one)")
+    if args.get("enable_dp_attention"):
+        bad.append("enable_dp_attention (ranks run different batches: the rows' broadcast "
+                   "would not match)")  # fmt: skip
+    if args.get("speculative_algorithm"):
+        bad.append("speculative decoding")
+    if bad:
+        raise ValueError(
+            "--engine sglang with the receive pool does not support: " + "; ".join(bad)
+        )
 
 
 def _once_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None] | None) -> Callable[[], None]:
@@ -348,8 +368,12 @@ def engine_args(
     }
     if device == "cpu":
         args.update(CPU_DEFAULTS, disable_cuda_graph=True)
-    elif index:
-        args["base_gpu_id"] = int(index)
+    else:
+        # A replayed prefill graph takes only input_embeds into its static buffer; whether the
+        # DeepStack rows reach it is unchecked (docs/sglang.md): off until a GPU check says so.
+        args["disable_prefill_cuda_graph"] = True
+        if index:
+            args["base_gpu_id"] = int(index)
     extra = os.environ.get(EXTRA_ARGS_ENV, "").strip()
     if extra:
         parsed = json.loads(extra)
@@ -377,6 +401,8 @@ def start_sglang(config: LanguageConfig, pool: dict[str, Any] | None = None,
             "(see docs/sglang.md), CPU: bash scripts/setup_sglang.sh"
         ) from exc
     args = engine_args(config, pool, **overrides)
+    if pool is not None:
+        _check_pool_args(args)
     if args["device"] == "cpu" and int(args.get("tp_size", 1)) > 1:
         # TP on CPU: one OpenMP core set per rank (SGLang otherwise asks for a NUMA node per
         # rank), and no NCCL (a CUDA build of torch finds libnccl and SGLang then wants CUDA);

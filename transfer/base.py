@@ -17,7 +17,10 @@ Block lifetime (the rule both servers follow; DESIGN.md "nothing overwritten"):
    and one ``generation``.
 2. They return to the pool only when
    a. the writer reported DONE, the rows were verified, and every copy out of them has
-      completed (on a GPU: the copy's CUDA event, not its launch); or
+      completed (on a GPU: the copy's CUDA event, not its launch) -- with the pool in SGLang's
+      scheduler (``--engine sglang``): SGLang's stream of the request has ended, after which its
+      scheduler never reads them again; an *aborted* request's prefill may still be reading,
+      and only its own discarded output can see the next writer's rows; or
    b. the writer reported that its write has stopped: FAILED *and* ``writing()`` false on the
       sender (a transport timeout is not a stop: the write may still land); or
    c. the writer can no longer write: its process incarnation changed, or it was declared dead

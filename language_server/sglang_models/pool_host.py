@@ -82,6 +82,15 @@ class PoolHost:
         self.copy_calls += 1
 
     def _serve(self) -> None:
+        device = self.buffers.embeds.device
+        if device.type == "cuda":  # checksums on their own stream: never queued behind a forward
+            torch.cuda.set_device(device)
+            with torch.cuda.stream(torch.cuda.Stream(device)):
+                self._loop()
+        else:
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             try:
                 data = self._sock.recv(copy=False)

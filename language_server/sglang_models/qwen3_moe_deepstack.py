@@ -229,6 +229,8 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
                 input_embeds=embeds, pp_proxy_tensors=pp_proxy_tensors,
                 input_deepstack_embeds=deepstack,
             )  # fmt: skip
+            if not self.pp_group.is_last_rank:
+                return hidden
             return self.logits_processor(input_ids, hidden, self.lm_head, forward_batch)
         hidden = general_mm_embed_routine(
             input_ids=input_ids, forward_batch=forward_batch, language_model=self.model,
@@ -293,8 +295,10 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
             if deepstack is not None:
                 deepstack[dest : dest + n].copy_(d[row : row + n])
             return
+        # on every rank, before any collective: a bad descriptor fails everywhere, no rank waits
+        segments = _pool_segments(desc["runs"], dest, row, n)
         if self.pool is not None:
-            for d, pool_row, m in _pool_segments(desc["runs"], dest, row, n):
+            for d, pool_row, m in segments:
                 self.pool.copy_rows(embeds, deepstack, d, pool_row, m)
         if self.tp_group.world_size > 1:  # rank 0 holds the pool; the others receive
             self.tp_group.broadcast(embeds[dest : dest + n], src=0)

@@ -218,11 +218,12 @@ def test_a_pool_elsewhere_is_verified_by_its_host_and_held_until_released():
             door.start()
             rx = Receiver(PoolLayout.from_hello(door.hello), host=door)
             assert not rx.local and not hasattr(rx.buffers, "embeds")
-            link, results, written = Link(), [], {}
+            link, results, written, reqs = Link(), [], {}, {}
             for rid, tokens, corrupt in [("a", (6, 3), False), ("b", (5,), True)]:
                 req = Pending(rid, Prompt(tuple(Image(b"png", (1, 2, 2 * n), n) for n in tokens)),
                               lambda rows, err: results.append(err or rows))  # fmt: skip
                 req.leases = [Lease(req, i, n) for i, n in enumerate(tokens)]
+                reqs[rid] = req
                 rx.on_lent = lambda p: [rx.sent(x, link) for x in p.leases]
                 rx.admit(req)
                 written[rid] = []
@@ -243,6 +244,12 @@ def test_a_pool_elsewhere_is_verified_by_its_host_and_held_until_released():
             assert isinstance(failed, RequestError) and failed.status == 502
             assert "do not match the sender's checksum" in failed.message
             assert rx.buffers.num_free == 8 - 3  # a's blocks: handed to the engine
+            assert rx.handed_blocks == 3 and rx.lent_blocks == 0
+            # nothing an encoder says now can take them back (a late or forged report)
+            lease = reqs["a"].leases[0]
+            rx.on_message(link, P.EncodeFailed(rid="a", image=0, generation=lease.generation,
+                                               stage="transfer", write_stopped=True))  # fmt: skip
+            assert rx.buffers.num_free == 8 - 3 and rx.dropped_messages == 1
             ready.release()
             ready.release()  # idempotent
             assert rx.buffers.num_free == 8 and not rx.lent and not rx.handed

@@ -162,3 +162,19 @@ def test_cpu_defaults_keep_an_idle_scheduler_asleep(tiny_model_dir):
 
     args = engine_args(LanguageConfig(model=tiny_model_dir, engine="sglang"))
     assert args["sleep_on_idle"] is True and args["device"] == "cpu"
+
+
+def test_settings_the_pool_cannot_serve_are_refused_and_gpus_skip_prefill_graphs(tiny_model_dir):
+    from language_server.config import LanguageConfig
+    from language_server.sglang_engine import _check_pool_args, engine_args
+
+    config = LanguageConfig(model=tiny_model_dir, engine="sglang")
+    _check_pool_args(engine_args(config, {"address": "ipc:///x"}, tp_size=2, pp_size=2))
+    for bad in ({"dp_size": 2}, {"attn_dp_size": 2}, {"enable_dp_attention": True},
+                {"speculative_algorithm": "EAGLE"}):  # fmt: skip
+        with pytest.raises(ValueError, match="does not support"):
+            _check_pool_args(engine_args(config, {"address": "ipc:///x"}, **bad))
+    gpu = LanguageConfig(model=tiny_model_dir, engine="sglang", device="cuda:1")
+    args = engine_args(gpu)
+    assert args["disable_prefill_cuda_graph"] is True and args["base_gpu_id"] == 1
+    assert "sleep_on_idle" not in args
