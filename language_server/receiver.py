@@ -11,7 +11,9 @@ nonce), and every message about them is checked against that lending: same encod
 generation, same row count, and rows that match the writer's checksum.
 
 Blocks return by the rule in ``transfer/base.py`` and by no other path: (a) the rows were
-verified and the engine's copy out of them has completed, (b) the writer said its write
+verified and the engine's copy out of them has completed (a pool elsewhere: the rows were
+handed over, leave the lent set, and come back with ``release`` when the engine's request has
+ended), (b) the writer said its write
 stopped (TransferDone, or EncodeFailed with ``write_stopped``), (c) the writer's incarnation
 changed, or it was declared dead and the transport's own timeout has passed since. A request
 that fails or is aborted stops waiting at once; its lent blocks become orphans until then.
