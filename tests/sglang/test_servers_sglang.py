@@ -105,7 +105,7 @@ def test_a_client_that_leaves_mid_generation_gives_every_block_back(cluster, mak
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
               b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
     deadline = time.monotonic() + 60
-    while cluster.health()["pool"]["lent_blocks"] == 0:  # rows handed to SGLang
+    while cluster.health()["pool"]["handed_blocks"] == 0:  # rows handed to SGLang
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert s.recv(4096).startswith(b"HTTP/1.1 200")
