@@ -181,25 +181,24 @@ class Receiver:
             return
         lease.state, lease.timings = LeaseState.WRITTEN, msg.timings
         assert lease.blocks is not None
-        if self.local:  # the one verification code: the checksum over the pool's rows in place
-            pool: MultimodalDataBuffers = self.buffers  # type: ignore[assignment]
-            same = pool.checksum(lease.blocks, lease.n_tokens) == msg.checksum
-            self._verified(lease, "" if same else "do not match the sender's checksum")
-        else:  # the same code, run where the memory is
-            self.host.verify(lease.blocks, lease.n_tokens, msg.checksum,
-                             lambda problem: self._verified(lease, problem))  # fmt: skip
 
-    def _verified(self, lease: Lease, problem: str) -> None:
-        """The verdict on ``lease``'s rows (``problem`` empty: they match the writer's)."""
+        def verdict(problem: str) -> None:
+            self._verified(lease, problem and f"rows of image {lease.image} {problem}")
+
+        if self.local:  # MultimodalDataBuffers.verify: the rows' checksum, read in place
+            pool: MultimodalDataBuffers = self.buffers  # type: ignore[assignment]
+            verdict(pool.verify(lease.blocks, lease.n_tokens, msg.checksum))
+        else:  # the same code, run where the memory is
+            self.host.verify(lease.blocks, lease.n_tokens, msg.checksum, verdict)
+
+    def _verified(self, lease: Lease, why: str) -> None:
+        """The verdict on ``lease``'s rows (``why`` empty: they match the writer's)."""
         if self.lent.get(lease.key) is not lease or lease.state not in (
             LeaseState.SENT,
             LeaseState.WRITTEN,
         ):
             return  # the request ended meanwhile; its blocks went back then
-        if problem:
-            why = (
-                problem if problem.startswith("bad ") else f"rows of image {lease.image} {problem}"
-            )
+        if why:
             self.fail(lease.request, RequestError(502, why), skip=lease)
             self._return(lease)
             return

@@ -87,7 +87,7 @@ class PoolLayout:
 
     @property
     def bytes_per_token(self) -> int:
-        return 4 * self.hidden * torch.empty((), dtype=self.dtype).element_size()
+        return 4 * self.hidden * self.dtype.itemsize
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_tokens)
@@ -115,7 +115,7 @@ class PoolLayout:
         """Remote addresses of ``blocks`` for an ``EncodeJob`` (requires a transport session)."""
         if not self.session:
             raise RuntimeError("buffers have no transport receiver")
-        e_blk = self.block_tokens * self.hidden * torch.empty((), dtype=self.dtype).element_size()
+        e_blk = self.block_tokens * self.hidden * self.dtype.itemsize
         return BlockAddresses(
             session=self.session,
             block_tokens=self.block_tokens,
@@ -125,11 +125,15 @@ class PoolLayout:
 
     def block_rows(self, blocks: list[int], n_tokens: int) -> list[tuple[int, int]]:
         """``(start_row, rows)`` runs in pool coordinates that hold the request's rows."""
-        bt = self.block_tokens
-        if not 0 <= n_tokens <= len(blocks) * bt:
-            raise ValueError(f"{n_tokens} tokens do not fit {len(blocks)} blocks")
+        bt = self._check_fits(blocks, n_tokens)
         runs = coalesce(n_tokens, bt, [(b * bt,) for b in blocks], (1,))
         return [(start[0], rows) for _, rows, start in runs]
+
+    def _check_fits(self, blocks: list[int], n_tokens: int) -> int:
+        """``block_tokens``, after checking that ``n_tokens`` rows fit ``blocks``."""
+        if not 0 <= n_tokens <= len(blocks) * self.block_tokens:
+            raise ValueError(f"{n_tokens} tokens do not fit {len(blocks)} blocks")
+        return self.block_tokens
 
 
 class MultimodalDataBuffers(PoolLayout):
@@ -147,7 +151,7 @@ class MultimodalDataBuffers(PoolLayout):
         super().__init__(num_blocks, block_tokens, hidden, dtype)
         self.receiver = receiver
         rows = num_blocks * block_tokens
-        elt = torch.empty((), dtype=dtype).element_size()
+        elt = dtype.itemsize
         nbytes = rows * 4 * hidden * elt
         if receiver is not None:
             storage = receiver.allocate(nbytes, device)
@@ -163,12 +167,20 @@ class MultimodalDataBuffers(PoolLayout):
 
     def checksum(self, blocks: list[int], n_tokens: int) -> int:
         """``rows_checksum`` of the rows in ``blocks``, read in place (no gather)."""
-        bt = self.block_tokens
-        if not 0 <= n_tokens <= len(blocks) * bt:
-            raise ValueError(f"{n_tokens} tokens do not fit {len(blocks)} blocks")
+        bt = self._check_fits(blocks, n_tokens)
         return pool_rows_checksum(
             self.embeds, self.deepstack, n_tokens, bt, lambda r: blocks[r // bt] * bt + r % bt
         )
+
+    def verify(self, blocks: list[int], n_tokens: int, checksum: int) -> str:
+        """What is wrong with the rows in ``blocks`` against the writer's ``checksum`` ("":
+        nothing). The one verification, wherever the pool lives (the language server's
+        Receiver, or the pool's host in SGLang's scheduler process)."""
+        try:
+            same = self.checksum(blocks, n_tokens) == checksum
+        except (ValueError, IndexError) as exc:
+            return f"cannot be verified: {exc}"
+        return "" if same else "do not match the sender's checksum"
 
     # --- reading ----------------------------------------------------------------------------
 

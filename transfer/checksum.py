@@ -50,10 +50,7 @@ def rows_checksum(
     n = embeds.shape[0]
     if deepstack.shape[0] != n:
         raise ValueError(f"row counts differ: {n} vs {deepstack.shape[0]}")
-    rows = None if full else _rows(n, block_tokens)
-    crc = zlib.crc32(_sample(embeds, rows))
-    crc = zlib.crc32(_sample(deepstack, rows), crc)
-    return crc ^ (n << 32)
+    return _crc(embeds, deepstack, None if full else _rows(n, block_tokens), n)
 
 
 def pool_rows_checksum(
@@ -66,7 +63,10 @@ def pool_rows_checksum(
     """``rows_checksum`` of ``n`` rows that live scattered in a pool: row ``r`` of the request is
     row ``pool_row(r)`` of ``embeds``/``deepstack``. Reads only the sampled rows, in place, and
     equals ``rows_checksum`` of the gathered rows."""
-    rows = [pool_row(r) for r in _rows(n, block_tokens)]
+    return _crc(embeds, deepstack, [pool_row(r) for r in _rows(n, block_tokens)], n)
+
+
+def _crc(embeds: torch.Tensor, deepstack: torch.Tensor, rows: list[int] | None, n: int) -> int:
     crc = zlib.crc32(_sample(embeds, rows))
     crc = zlib.crc32(_sample(deepstack, rows), crc)
     return crc ^ (n << 32)

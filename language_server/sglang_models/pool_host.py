@@ -105,11 +105,7 @@ class PoolHost:
 
     def _answer(self, msg: Any) -> None:
         if isinstance(msg, VerifyRows):
-            try:
-                same = self.buffers.checksum(list(msg.blocks), msg.n_tokens) == msg.checksum
-                problem = "" if same else "do not match the sender's checksum"
-            except (ValueError, IndexError) as exc:
-                problem = f"cannot be verified: {exc}"
+            problem = self.buffers.verify(list(msg.blocks), msg.n_tokens, msg.checksum)
             self.verified += 1
             self._sock.send(encode_pool(RowsVerdict(id=msg.id, problem=problem)))
         elif isinstance(msg, PoolStatsQuery):
