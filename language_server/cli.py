@@ -81,8 +81,9 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
     p.add_argument("--curve-server-key", type=Path, default=None,
                    help="the encoders' public CURVE certificate (env: EPD_CURVE_SERVER_KEY)")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch intra-op threads (default: torch's choice, one per core); "
-                   "set 1 when several servers share a small host")  # fmt: skip
+                   help="torch intra-op threads (default: torch's choice, one per core), in "
+                   "this process and, with --engine sglang, in SGLang's scheduler processes "
+                   "too; set 1 when several servers share a small host")  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
     if a.no_local_images and a.allowed_local_media_path is not None:

@@ -354,6 +354,8 @@ def engine_args(
     model_overrides: dict[str, Any] = {"architectures": ARCHITECTURES}
     if pool is not None:
         model_overrides["epd_pool"] = pool
+    if config.torch_threads > 0:  # else SGLang's scheduler takes one thread per core
+        model_overrides["epd_torch_threads"] = config.torch_threads
     args: dict[str, Any] = {
         "model_path": str(config.model),
         "dtype": config.dtype,

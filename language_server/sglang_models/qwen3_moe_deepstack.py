@@ -127,6 +127,7 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
         self, config, quant_config: QuantizationConfig | None = None, prefix: str = ""
     ) -> None:
         super().__init__()
+        _set_torch_threads(getattr(config, "epd_torch_threads", 0))
         text = getattr(config, "text_config", config)
         if getattr(config, "tie_word_embeddings", None) is not None:
             text.tie_word_embeddings = config.tie_word_embeddings  # the top level is authoritative
@@ -221,6 +222,8 @@ class Qwen3MoeForCausalLMWithDeepStack(nn.Module):
             raise NotImplementedError("Qwen3MoeForCausalLMWithDeepStack is a generation model")
         if self.is_mrope_enabled:
             positions = forward_batch.mrope_positions
+        if self.pool is not None and forward_batch.forward_mode.is_decode():
+            self.pool.count_decode(forward_batch.batch_size)
         from_pool = self._inputs_from_pool(input_ids, forward_batch)
         if from_pool is not None:
             embeds, deepstack = from_pool
@@ -450,3 +453,15 @@ def _expert_mapping(num_experts: int) -> list:
 
 
 EntryClass = Qwen3MoeForCausalLMWithDeepStack
+
+
+def _set_torch_threads(threads: int) -> None:
+    """The language server's ``--torch-threads`` in this process (SGLang's scheduler, where the
+    model runs): SGLang's children start with torch's default, one intra-op thread per core,
+    whatever the front door set for itself. On a host shared with encoders those threads
+    oversubscribe the cores (their OpenMP workers spin between ops) and every decode step and
+    ViT step slows down (issue 20)."""
+    if threads and threads > 0 and torch.get_num_threads() != threads:
+        log.info("torch intra-op threads in SGLang's scheduler: %d (was %d)", threads,
+                 torch.get_num_threads())  # fmt: skip
+        torch.set_num_threads(int(threads))
