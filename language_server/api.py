@@ -285,5 +285,7 @@ async def _pool_host(receiver: Any) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - health still answers
         out["host_error"] = f"{type(exc).__name__}: {exc}"
         return out
-    out.update(rows_copied=stats.rows_copied, copy_calls=stats.copy_calls, verified=stats.verified)
+    out.update(rows_copied=stats.rows_copied, copy_calls=stats.copy_calls, verified=stats.verified,
+               decode_steps=stats.decode_steps, decode_rows=stats.decode_rows,
+               torch_threads=stats.torch_threads)  # fmt: skip
     return out

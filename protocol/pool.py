@@ -61,13 +61,18 @@ class PoolStatsQuery(Message, frozen=True, kw_only=True, tag="pool_stats_query")
 
 class PoolStats(Message, frozen=True, kw_only=True, tag="pool_stats"):
     """Counters of the pool's host: visual rows copied out of the pool into the model's inputs
-    (``rows_copied``; each row once per prefill), ``copy_calls``, images verified."""
+    (``rows_copied``; each row once per prefill), ``copy_calls``, images verified; decode
+    forwards and the sequences they carried (``decode_rows / decode_steps`` is the mean decode
+    batch), and the forward thread's torch intra-op threads (0: no decode yet)."""
 
     id: U64
     rows_copied: U64
     copy_calls: U64
     verified: U64
     pid: U32
+    decode_steps: U64 = 0
+    decode_rows: U64 = 0
+    torch_threads: U32 = 0
 
 
 ANY_POOL_MESSAGE = PoolHello | VerifyRows | RowsVerdict | PoolStatsQuery | PoolStats

@@ -50,6 +50,9 @@ class PoolHost:
         self.rows_copied = 0  # visual rows copied out of the pool into model inputs
         self.copy_calls = 0
         self.verified = 0
+        self.decode_steps = 0  # decode forwards of this rank, and the sequences they carried
+        self.decode_rows = 0
+        self.torch_threads = 0  # intra-op threads of the thread that runs the forwards
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._ctx.socket(zmq.PAIR)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -81,6 +84,12 @@ class PoolHost:
         self.rows_copied += n
         self.copy_calls += 1
 
+    def count_decode(self, batch_size: int) -> None:
+        """One decode forward over ``batch_size`` sequences (called by the model)."""
+        self.decode_steps += 1
+        self.decode_rows += batch_size
+        self.torch_threads = torch.get_num_threads()
+
     def _serve(self) -> None:
         device = self.buffers.embeds.device
         if device.type == "cuda":  # checksums on their own stream: never queued behind a forward
@@ -110,7 +119,9 @@ class PoolHost:
             self._sock.send(encode_pool(RowsVerdict(id=msg.id, problem=problem)))
         elif isinstance(msg, PoolStatsQuery):
             stats = PoolStats(id=msg.id, rows_copied=self.rows_copied, copy_calls=self.copy_calls,
-                              verified=self.verified, pid=os.getpid())  # fmt: skip
+                              verified=self.verified, pid=os.getpid(),
+                              decode_steps=self.decode_steps, decode_rows=self.decode_rows,
+                              torch_threads=self.torch_threads)  # fmt: skip
             self._sock.send(encode_pool(stats))
         else:
             log.warning("pool channel: unexpected %s dropped", type(msg).__name__)

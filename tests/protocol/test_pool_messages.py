@@ -32,7 +32,16 @@ MESSAGES = [
     RowsVerdict(id=7, problem="do not match the sender's checksum"),
     RowsVerdict(id=8),
     PoolStatsQuery(id=9),
-    PoolStats(id=9, rows_copied=1234, copy_calls=20, verified=5, pid=4242),
+    PoolStats(
+        id=9,
+        rows_copied=1234,
+        copy_calls=20,
+        verified=5,
+        pid=4242,
+        decode_steps=31,
+        decode_rows=124,
+        torch_threads=1,
+    ),
 ]
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -96,6 +98,46 @@ def test_the_pool_lives_in_the_scheduler_and_each_visual_row_is_copied_once(clus
         assert after["free_blocks"] == after["total_blocks"]
 
 
+def test_concurrent_requests_decode_in_one_batch_on_a_scheduler_with_our_torch_threads(
+    cluster, make_image
+):
+    """Issue 20: four requests sent at once (the reporter's client: four threads sharing one
+    kept-alive httpx client, non-streamed, greedy, ``ignore_eos``) decode together: the mean
+    decode batch of SGLang's scheduler over the window is well above 1 (one after another it
+    would be 1), and the scheduler runs with the server's ``--torch-threads`` (1 here), not one
+    thread per core (its OpenMP workers then oversubscribed a host shared with encoders). The
+    answers are the same for the same image whether batched or not."""
+    import httpx
+
+    n, tokens = 4, 64
+    image = {"type": "image_url", "image_url": {"url": data_url(make_image(96, 128, 36))}}
+    body = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "Hi"}]}],
+            "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": False}  # fmt: skip
+    status, alone = cluster.chat(body)
+    assert status == 200, alone
+    before = cluster.health()["pool"]
+    gate = threading.Barrier(n)
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    with httpx.Client(base_url=cluster.url, timeout=120, limits=limits) as client:
+
+        def send(_: int) -> dict:
+            gate.wait(timeout=30)
+            reply = client.post("/v1/chat/completions", json=body)
+            assert reply.status_code == 200, reply.text
+            return reply.json()
+
+        with ThreadPoolExecutor(n) as pool:
+            replies = list(pool.map(send, range(n)))
+    after = cluster.health()["pool"]
+    assert after["torch_threads"] == 1, after
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["decode_rows"] - before["decode_rows"]
+    assert rows == n * (tokens - 1), (rows, steps)  # the first token of each comes from prefill
+    assert rows / steps >= 2.5, f"mean decode batch {rows / steps:.2f} over {steps} steps"
+    assert all(r["epd"]["token_ids"] == alone["epd"]["token_ids"] for r in replies)
+    assert after["free_blocks"] == after["total_blocks"]
+
+
 def test_a_client_that_leaves_mid_generation_gives_every_block_back(cluster, make_image):
     image = {"type": "image_url", "image_url": {"url": data_url(make_image(96, 96, 35))}}
     body = json.dumps({"messages": [{"role": "user", "content": [image]}], "max_tokens": 2048,
@@ -162,6 +204,15 @@ def test_cpu_defaults_keep_an_idle_scheduler_asleep(tiny_model_dir):
 
     args = engine_args(LanguageConfig(model=tiny_model_dir, engine="sglang"))
     assert args["sleep_on_idle"] is True and args["device"] == "cpu"
+    assert "epd_torch_threads" not in json.loads(args["json_model_override_args"])
+
+
+def test_torch_threads_reach_the_scheduler_through_the_model_config(tiny_model_dir):
+    from language_server.config import LanguageConfig
+    from language_server.sglang_engine import engine_args
+
+    config = LanguageConfig(model=tiny_model_dir, engine="sglang", torch_threads=3)
+    assert json.loads(engine_args(config)["json_model_override_args"])["epd_torch_threads"] == 3
 
 
 def test_settings_the_pool_cannot_serve_are_refused_and_gpus_skip_prefill_graphs(tiny_model_dir):
