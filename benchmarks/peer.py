@@ -60,6 +60,7 @@ import httpx
 from benchmarks.e2e import PHASES, Client, chat_body, image_data_url, served, summarize
 
 SYSTEMS = ("sglang-mono", "sglang-split", "ours-sglang", "ours-ref")
+CLIENT_SHAPES = ("shared", "issue20", "fresh")
 LATENCY_TARGET = 0.8  # ours-sglang median latency / theirs, at most
 RPS_TARGET = 1.25  # ours-sglang requests/s / theirs, at least
 MONO_TARGET_MAX_TOKENS = 32  # the target against sglang-mono holds at this max_tokens only
@@ -368,8 +369,12 @@ class AnswerClient(Client):
     """epd-bench-e2e's client; each row also keeps the answer's token ids and text, read from the
     response after the request's latency is taken."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, shape: str = "shared", **kwargs: Any):
         super().__init__(*args, **kwargs)
+        if shape == "fresh":  # no connection is kept: each request opens its own
+            self.http.close()
+            self.http = httpx.Client(timeout=self.http.timeout, headers=self.http.headers,
+                                     limits=httpx.Limits(max_keepalive_connections=0))  # fmt: skip
         self.last = threading.local()
         self.http.event_hooks["response"].append(self.keep)
 
@@ -385,17 +390,21 @@ class AnswerClient(Client):
         return row
 
 
-def request_body(url: str, max_tokens: int, image_url: str, seed: int) -> dict[str, Any]:
-    """The same request for every system; each ignores the other's extension field."""
+def request_body(url: str, max_tokens: int, image_url: str, seed: int,
+                 shape: str = "shared") -> dict[str, Any]:  # fmt: skip
+    """The same request for every system; each ignores the other's extension field. The
+    ``issue20`` shape is that report's client: no seed, ``"stream": false`` spelled out."""
     body = chat_body(image_url, max_tokens, served(url))
+    if shape == "issue20":
+        return {**body, "stream": False, "return_output_ids_in_sglext": True}
     return {**body, "seed": seed, "return_output_ids_in_sglext": True}
 
 
 def run_point(url: str, point: tuple[int, int], args: argparse.Namespace, image_url: str,
               label: str) -> dict[str, Any]:  # fmt: skip
     max_tokens, concurrency = point
-    client = AnswerClient(url, request_body(url, max_tokens, image_url, args.seed), concurrency,
-                          args.timeout)  # fmt: skip
+    body = request_body(url, max_tokens, image_url, args.seed, args.client)
+    client = AnswerClient(url, body, concurrency, args.timeout, shape=args.client)
     try:
         t0 = time.perf_counter()
         rows = client.run(args.requests, 0, f"{label} max_tokens={max_tokens} c={concurrency}",
@@ -409,8 +418,8 @@ def run_point(url: str, point: tuple[int, int], args: argparse.Namespace, image_
 def warm_up(url: str, args: argparse.Namespace, image_url: str, label: str) -> None:
     if args.warmup < 1:
         return
-    body = request_body(url, max(args.max_tokens), image_url, args.seed)
-    client = AnswerClient(url, body, max(args.concurrency), args.timeout)
+    body = request_body(url, max(args.max_tokens), image_url, args.seed, args.client)
+    client = AnswerClient(url, body, max(args.concurrency), args.timeout, shape=args.client)
     try:
         rows = client.run(args.warmup, -args.warmup, f"{label} warm-up", leave=False)
     finally:
@@ -671,9 +680,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--sleep-on-idle for sglang-split's language-only server; auto: off with "
                         "zmq_to_scheduler (SGLang 0.5.23's idle sleeper does not wake for "
                         "the encoder's rows and sleeps up to 1 s per request), on otherwise")  # fmt: skip
+    p.add_argument("--client", choices=CLIENT_SHAPES, default="shared",
+                   help="the clients' shape: shared (default: the threads share one kept-alive "
+                        "httpx client, each request with the seed), issue20 (the same client, "
+                        "the body of issue 20's report: no seed, \"stream\": false), fresh (a "
+                        "new connection per request)")  # fmt: skip
     p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch intra-op threads of each of our processes, as epd-bench-e2e's "
-                        "cluster (default 1; 0: torch's choice); SGLang keeps its own")  # fmt: skip
+                   help="torch intra-op threads of each of our processes, SGLang's scheduler "
+                        "under ours-sglang included, as epd-bench-e2e's cluster (default 1; "
+                        "0: torch's choice); SGLang's own servers keep torch's choice")  # fmt: skip
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds a system may take to answer /health (default 300)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=120.0,

@@ -38,7 +38,7 @@ def test_all_four_systems_answer_with_the_same_tokens(tiny_model_dir, tmp_path):
     out = tmp_path / "peer.json"
     cmd = script("epd-bench-peer") + [
         "--model", str(tiny_model_dir), "--requests", "3", "--rounds", "1", "--max-tokens", "4",
-        "--concurrency", "2", "--warmup", "1", "--idle-probe", "0",
+        "--concurrency", "2", "--warmup", "1", "--idle-probe", "0", "--client", "issue20",
         "--log-dir", str(tmp_path / "logs"), "--json", str(out),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
