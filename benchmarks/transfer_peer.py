@@ -1,7 +1,7 @@
 """The language-side process of ``epd-bench-transfer``: the language server's own receiver.
 
 Runs in its own process. For our paths it is a language server's data plane without HTTP or a
-model: per backend, a ``Receiver`` (``language_server/receiver.py``) over
+model: per backend, a ``Receiver`` (``language_server/pool/receiver.py``) over
 ``MultimodalDataBuffers`` on the real transport receiver. ``lend`` admits a one-image request
 (``Receiver.admit`` lends its blocks) and answers with the ``EncodeJob`` that
 ``Receiver.job`` built; ``msg`` hands the encoder's answer to ``Receiver.on_message``, which
@@ -23,8 +23,8 @@ import torch
 import zmq
 
 import protocol as P
-from language_server.receiver import Receiver
-from language_server.requests import Lease, Pending, ReceivedPrompt, RequestError
+from language_server.pool.leases import Lease, Pending, ReceivedPrompt, RequestError
+from language_server.pool.receiver import Receiver
 from transfer import DTYPES, MultimodalDataBuffers, make_receiver
 
 BLOCK_TOKENS = 64

@@ -17,9 +17,14 @@ import torch
 from PIL import Image
 
 from encode_server.vision import VisionEncoder
-from language_server.generate import GenerationResult, SamplingParams, build_input_embeds, generate
-from language_server.model import Qwen3MoeForCausalLMWithDeepStack
-from language_server.prompt import PreparedPrompt, PromptBuilder
+from language_server.engines.base import SamplingParams
+from language_server.engines.reference.generate import (
+    GenerationResult,
+    build_input_embeds,
+    generate,
+)
+from language_server.engines.reference.model import Qwen3MoeForCausalLMWithDeepStack
+from language_server.prompt.builder import PreparedPrompt, PromptBuilder
 from protocol.chat import ImageSourcePolicy, to_turns
 
 

@@ -2,14 +2,20 @@
 
 Owns the prompt and the receive pool (flow v3) and runs the text MoE decoder with DeepStack;
 never loads the ViT, never decodes pixels (it reads image headers for their sizes) and never
-imports ``encode_server``.
+imports ``encode_server``. One subpackage per role; arrows run one way, down this list:
 
-- ``prompt``: ``PromptBuilder`` (chat template, tokens, grids from image headers, M-RoPE).
-- ``receiver``, ``dispatch``, ``encoders``: blocks lent per image job, jobs to encoders, liveness.
-- ``service``, ``api``: the OpenAI-compatible HTTP front door; ``engine`` / ``sglang_engine``.
+- ``cli.py``: ``epd-language``, the composition root: flags, then every part built and wired.
+- ``http/``: the OpenAI-compatible front door (app, request parsing, the service that drives a
+  request through the other parts, metrics, the answer's text).
+- ``prompt/``: chat template, tokens, image grids from headers, M-RoPE positions.
+- ``encoders/``: links to encode servers (liveness, incarnations, load) and job dispatch.
+- ``engines/``: the contract the service drives (``base.py``), one registry (``--engine``), the
+  ``reference/`` and ``sglang/`` engines with their models.
+- ``pool/``: blocks lent per image job, verification of what arrived, block lifetimes, the
+  link to a pool held in another process.
+- ``config.py``: ``LanguageConfig``, read by all.
 
-- ``model``: ``Qwen3MoeModel``, ``Qwen3MoeModelWithDeepStack`` and
-  ``Qwen3MoeForCausalLMWithDeepStack`` (built on transformers' Qwen3-VL-MoE text modules).
-- ``generate``: ``SamplingParams``, KV-cached ``stream`` / ``generate``, ``build_input_embeds``.
-- ``weights``: reads only ``model.language_model.*`` and ``lm_head.weight``; both expert layouts.
+``http`` may import ``prompt``, ``encoders``, ``engines`` (its ``base`` only) and ``pool``;
+``encoders`` and ``engines`` may import ``pool``; ``pool`` and ``prompt`` import none of the
+others; nothing but ``cli`` imports ``cli``. ``tests/language_server/test_imports.py`` checks it.
 """

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import socket
 from pathlib import Path
 
 from language_server.config import LanguageConfig
+from language_server.engines import ENGINES, engine_entry
 from transfer.registry import add_transport_flags
 
 
@@ -29,8 +29,9 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
     p.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
                    help="model names the API answers to; the first is the one reported "
                    "(default: the checkpoint directory's name); any other model gets 404")  # fmt: skip
-    p.add_argument("--engine", default="transformers", choices=["transformers", "sglang"],
-                   help="generation engine: the transformers reference, or SGLang in process")  # fmt: skip
+    p.add_argument("--engine", default="transformers", choices=list(ENGINES),
+                   help="generation engine: " + "; ".join(f"{e.name}: {e.help}"
+                                                          for e in ENGINES.values()))  # fmt: skip
     p.add_argument("--sglang-args", default="", metavar="JSON",
                    help='extra SGLang ServerArgs for --engine sglang, e.g. \'{"tp_size": 8}\'')  # fmt: skip
     add_transport_flags(p, peers="encoders")
@@ -108,50 +109,28 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
         p.error(str(exc))
 
 
-def build_engine(config: LanguageConfig, pool_address: str = ""):
-    """The generation engine named by ``--engine``, with the language weights loaded; for
-    SGLang, with the receive pool in its scheduler process, announced on ``pool_address``."""
-    from transfer import DTYPES
-
-    if config.engine == "sglang":
-        from language_server.sglang_engine import SGLangEngine, pool_spec
-
-        try:
-            extra = json.loads(config.sglang_args or "{}")
-        except json.JSONDecodeError as exc:
-            raise SystemExit(f"--sglang-args is not JSON: {exc}") from None
-        pool = pool_spec(config, pool_address) if pool_address else None
-        return SGLangEngine.from_config(config, pool, **extra)
-    from language_server.engine import Engine
-    from language_server.model import Qwen3MoeForCausalLMWithDeepStack
-
-    dtype = DTYPES[config.dtype]
-    return Engine(
-        Qwen3MoeForCausalLMWithDeepStack.from_pretrained(config.model, config.device, dtype)
-    )
-
-
 def build_app(config: LanguageConfig):
     """Load the model, allocate and register the receive pool, wire the service; return the app."""
-    from language_server.api import create_app
-    from language_server.encoders import EncoderPool
-    from language_server.metrics import Metrics
-    from language_server.prompt import PromptBuilder, PromptLimits
-    from language_server.receiver import Receiver
-    from language_server.service import ChatService
+    from language_server.encoders.links import EncoderPool
+    from language_server.http.app import create_app
+    from language_server.http.metrics import Metrics
+    from language_server.http.service import ChatService
+    from language_server.pool.receiver import Receiver
+    from language_server.prompt.builder import PromptBuilder, PromptLimits
     from protocol.keys import client_keys
     from transfer import DTYPES, MultimodalDataBuffers, make_receiver
     from transfer.buffers import PoolLayout
 
     dtype = DTYPES[config.dtype]
     log = logging.getLogger("epd.language")
+    entry = engine_entry(config.engine)
     link = None
-    if config.engine == "sglang":  # the pool lives where the model runs: SGLang's scheduler
-        from language_server.pool_link import PoolHostLink
+    if entry.hosts_pool:  # the pool lives where the model runs (SGLang's scheduler process)
+        from language_server.pool.host_link import PoolHostLink
 
         link = PoolHostLink()
     try:
-        engine = build_engine(config, link.address if link else "")
+        engine = entry.build(config, link.address if link else "")
     except BaseException:
         if link is not None:
             link.close()

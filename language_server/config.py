@@ -10,7 +10,6 @@ from protocol.messages import MAX_IMAGE_BYTES, MAX_IMAGES
 from transfer import BACKENDS, DTYPES
 from transfer.registry import advertised_host, endpoint_options
 
-ENGINES = ("transformers", "sglang")
 DEFAULT_MAX_BODY_BYTES = 64 << 20  # the automatic HTTP body limit never exceeds this
 ENCODER_IMAGE_BYTES = 32 << 20  # what an encoder accepts per image (encode_server ImageLimits);
 # below MAX_IMAGE_BYTES, so one image always fits one EncodeJob
@@ -24,7 +23,7 @@ class LanguageConfig:
     port: int = 8000
     served_model_name: tuple[str, ...] = ()  # names the API answers to; the first is reported
     # (default: the checkpoint directory's name)
-    engine: str = "transformers"  # or "sglang" (SGLang's engine in process)
+    engine: str = "transformers"  # a name in language_server.engines.ENGINES
     sglang_args: str = ""  # JSON object of extra sglang ServerArgs, e.g. {"tp_size": 8}
     transport: str = "mooncake"
     mooncake_protocol: str = "tcp"
@@ -61,8 +60,6 @@ class LanguageConfig:
         for addr in self.encoders:
             if not addr.startswith(("tcp://", "ipc://")):
                 raise ValueError(f"--encoder {addr!r} must look like tcp://HOST:PORT")
-        if self.engine not in ENGINES:
-            raise ValueError(f"--engine must be one of {ENGINES}")
         if self.transport not in BACKENDS:
             raise ValueError(f"--transport must be one of {sorted(BACKENDS)}")
         if self.dtype not in DTYPES:

@@ -42,7 +42,7 @@ def encoder(tiny_model_dir):
 @pytest.fixture(scope="session")
 def builder(tiny_model_dir):
     """The language side's PromptBuilder (chat template, tokens, grids, M-RoPE) on the tiny model."""
-    from language_server.prompt import PromptBuilder
+    from language_server.prompt.builder import PromptBuilder
 
     return PromptBuilder.from_pretrained(tiny_model_dir)
 
@@ -57,7 +57,7 @@ def pipeline(builder, encoder):
 
 @pytest.fixture(scope="session")
 def language_model(tiny_model_dir):
-    from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+    from language_server.engines.reference.model import Qwen3MoeForCausalLMWithDeepStack
 
     return Qwen3MoeForCausalLMWithDeepStack.from_pretrained(tiny_model_dir)
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import protocol as P
-from language_server.encoders import EncoderLink, EncoderPool
-from language_server.receiver import Receiver
-from language_server.requests import Lease, LeaseState, Pending, ReceivedPrompt, RequestError
+from language_server.encoders.links import EncoderLink, EncoderPool
+from language_server.pool.leases import Lease, LeaseState, Pending, ReceivedPrompt, RequestError
+from language_server.pool.receiver import Receiver
 
 log = logging.getLogger("epd.language.dispatch")
 T = TypeVar("T")

@@ -24,11 +24,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from language_server.chat_request import ChatRequest
-from language_server.metrics import Metrics
-from language_server.requests import RequestError
-from language_server.service import ChatService, Running
-from language_server.text import Detokenizer, StopStrings
+from language_server.http.chat_request import ChatRequest
+from language_server.http.metrics import Metrics
+from language_server.http.service import ChatService, Running
+from language_server.http.text import Detokenizer, StopStrings
+from language_server.pool.leases import RequestError
 
 log = logging.getLogger("epd.language.api")
 CLIENT_GONE = 499  # nginx's "client closed request": counted, never seen by the client

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import protocol as P
-from language_server.generate import SamplingParams
+from language_server.engines.base import SamplingParams
 from protocol.chat import ImageSourcePolicy, check_text, to_turns
 
 INT64 = (-(1 << 63), (1 << 63) - 1)

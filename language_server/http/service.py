@@ -16,14 +16,14 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from language_server.chat_request import ChatRequest, parse_chat_request, stop_token_ids
 from language_server.config import LanguageConfig
-from language_server.dispatch import Dispatcher
-from language_server.encoders import EncoderPool
-from language_server.engine import EngineBase, GenJob
-from language_server.prompt import PromptBuilder, PromptError
-from language_server.receiver import Receiver
-from language_server.requests import ReceivedPrompt, RequestError
+from language_server.encoders.dispatch import Dispatcher
+from language_server.encoders.links import EncoderPool
+from language_server.engines.base import EngineBase, GenJob
+from language_server.http.chat_request import ChatRequest, parse_chat_request, stop_token_ids
+from language_server.pool.leases import ReceivedPrompt, RequestError
+from language_server.pool.receiver import Receiver
+from language_server.prompt.builder import PromptBuilder, PromptError
 
 log = logging.getLogger("epd.language")
 

@@ -1,6 +1,6 @@
 """The front door's end of the channel to the receive pool's host (``--engine sglang``).
 
-The pool lives in SGLang's scheduler process (``language_server.sglang_models.pool_host``). The
+The pool lives in SGLang's scheduler process (``language_server.engines.sglang.models.pool_host``). The
 front door binds one ZeroMQ PAIR socket on an ``ipc://`` path inside a private (0700) temporary
 directory, passes the address to SGLang with the model's configuration, reads the host's
 ``PoolHello`` while SGLang starts (``wait_hello``), and from then on, on the server's asyncio

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 import protocol as P
-from language_server.requests import Lease, LeaseState, Pending, ReceivedPrompt, RequestError
+from language_server.pool.leases import Lease, LeaseState, Pending, ReceivedPrompt, RequestError
 from transfer import MultimodalDataBuffers, dtype_name
 from transfer.buffers import PoolLayout
 

@@ -45,7 +45,7 @@ def halves(tiny_model_dir, device):
     from transformers import Qwen3VLMoeForConditionalGeneration
 
     from epd.local import SplitPipeline
-    from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+    from language_server.engines.reference.model import Qwen3MoeForCausalLMWithDeepStack
 
     mono = Qwen3VLMoeForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     pipeline = SplitPipeline.from_pretrained(tiny_model_dir, device=device, dtype=torch.bfloat16)
@@ -60,7 +60,7 @@ def test_parity_bf16(name, halves, make_image, device):
     import torch
 
     from epd.local import generate_encoded, prefill_logits
-    from language_server.generate import SamplingParams
+    from language_server.engines.base import SamplingParams
     from tests.parity.test_parity import PROMPTS, _messages
 
     mono, pipeline, language = halves

@@ -303,9 +303,9 @@ def test_a_bug_is_a_json_500(tiny_model_dir):
     with a service whose prepare fails the way a bug would."""
     from fastapi.testclient import TestClient
 
-    from language_server.api import create_app
     from language_server.config import LanguageConfig
-    from language_server.metrics import Metrics
+    from language_server.http.app import create_app
+    from language_server.http.metrics import Metrics
 
     async def prepare(body: bytes):
         raise KeyError("a bug")

@@ -37,7 +37,10 @@ def test_servers_do_not_import_each_other(package, forbidden):
 @pytest.mark.parametrize(
     ("modules", "forbidden"),
     [
-        ("language_server.model, language_server.generate", "encode_server"),
+        (
+            "language_server.engines.reference.model, language_server.engines.reference.generate",
+            "encode_server",
+        ),
         ("encode_server.vision", "language_server"),
     ],
 )

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from epd.local import generate_encoded, language_inputs, prefill_logits
-from language_server.generate import SamplingParams
+from language_server.engines.base import SamplingParams
 
 ATOL = 1e-4
 N_TOKENS = 16

@@ -5,9 +5,9 @@ from __future__ import annotations
 from safetensors import safe_open
 
 import encode_server.weights
-import language_server.weights
+import language_server.engines.weights
 from encode_server.vision import VisionEncoder
-from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+from language_server.engines.reference.model import Qwen3MoeForCausalLMWithDeepStack
 
 LANGUAGE_MARKERS = ("layers.", "embed_tokens", "lm_head", "self_attn", "experts")
 
@@ -72,7 +72,7 @@ def _record_reads(monkeypatch, module):
 
 
 def test_language_loader_never_reads_a_visual_tensor(tiny_model_dir, monkeypatch):
-    read = _record_reads(monkeypatch, language_server.weights)
+    read = _record_reads(monkeypatch, language_server.engines.weights)
     Qwen3MoeForCausalLMWithDeepStack.from_pretrained(tiny_model_dir)
     assert read and not [n for n in read if "visual" in n]
     assert "lm_head.weight" in read

@@ -1,6 +1,6 @@
 """Golden test of ``--engine sglang`` on CPU (SGLang's plain native mode) against transformers.
 
-One SGLang engine (``Qwen3MoeForCausalLMWithDeepStack`` from ``language_server.sglang_models``)
+One SGLang engine (``Qwen3MoeForCausalLMWithDeepStack`` from ``language_server.engines.sglang.models``)
 serves prompts with 0, 1 and 2 images through ``SGLangEngine`` exactly as the language server does:
 the prompt builder's ids and M-RoPE positions and the encoder's embeddings and DeepStack rows go
 in through ``job_for_text`` / ``job_for_image``. The greedy tokens and the first step's top-5 log-probabilities must equal those
@@ -47,7 +47,7 @@ def sglang_engine(tiny_model_dir):
     effects (multiprocessing start method, event-loop policy) are undone afterwards.
     """
     from language_server.config import LanguageConfig
-    from language_server.sglang_engine import SGLangEngine, start_sglang
+    from language_server.engines.sglang.engine import SGLangEngine, start_sglang
 
     method, policy = mp.get_start_method(allow_none=True), asyncio.get_event_loop_policy()
     previous = signal.signal(signal.SIGQUIT, lambda *_: CRASHED.set())
@@ -74,7 +74,7 @@ def _messages(spec, make_image):
 
 
 def _job(engine, encoded, params, emit, deepstack=None):
-    from language_server.receiver import ReceivedPrompt
+    from language_server.pool.leases import ReceivedPrompt
 
     if encoded.n_vis == 0:
         return engine.job_for_text(encoded.input_ids, encoded.positions, params, emit)
@@ -140,7 +140,7 @@ def cases(pipeline, monolithic, make_image):
 
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_greedy_tokens_and_first_top5_equal_monolithic(name, sglang_engine, cases):
-    from language_server.generate import SamplingParams
+    from language_server.engines.base import SamplingParams
 
     encoded, ref_tokens, ref_top5 = cases[name]
     t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def test_greedy_tokens_and_first_top5_equal_monolithic(name, sglang_engine, case
 def test_deepstack_reaches_the_model(sglang_engine, cases):
     """Control: zeroed DeepStack rows change the first step's log-probs far beyond ATOL, so the
     golden test above would catch a model that dropped (or misplaced) the DeepStack additions."""
-    from language_server.generate import SamplingParams
+    from language_server.engines.base import SamplingParams
 
     encoded, _, ref_top5 = cases["two_images"]
     zeros = torch.zeros_like(encoded.deepstack)
@@ -174,7 +174,7 @@ def test_deepstack_reaches_the_model(sglang_engine, cases):
 
 
 def test_stop_token_ends_generation_and_is_not_returned(sglang_engine, cases):
-    from language_server.generate import SamplingParams
+    from language_server.engines.base import SamplingParams
 
     encoded, ref_tokens, _ = cases["one_image"]
     stop = ref_tokens[2]
@@ -185,7 +185,7 @@ def test_stop_token_ends_generation_and_is_not_returned(sglang_engine, cases):
 
 
 def test_cancel_stops_a_job(sglang_engine, cases):
-    from language_server.generate import SamplingParams
+    from language_server.engines.base import SamplingParams
 
     encoded, _, _ = cases["text_only"]
     events: queue.Queue = queue.Queue()

@@ -14,7 +14,10 @@ pytestmark = pytest.mark.skipif(
 
 def _rows_of(offsets, runs, chunk):
     """Every visual position of the request -> its pool row, assembled chunk by chunk."""
-    from language_server.sglang_models.qwen3_moe_deepstack import _chunk_runs, _pool_segments
+    from language_server.engines.sglang.models.qwen3_moe_deepstack import (
+        _chunk_runs,
+        _pool_segments,
+    )
 
     placed, prefix, total = {}, 0, max(last for _, last in offsets) + 3
     while prefix < total:
@@ -40,7 +43,7 @@ def test_each_visual_position_gets_its_pool_row_once_whatever_the_chunks(chunk):
 
 
 def test_a_descriptor_with_too_few_rows_is_refused():
-    from language_server.sglang_models.qwen3_moe_deepstack import _pool_segments
+    from language_server.engines.sglang.models.qwen3_moe_deepstack import _pool_segments
 
     with pytest.raises(RuntimeError, match="holds 4 rows"):
         _pool_segments([[0, 4]], dest=0, row=2, n=3)

@@ -1,7 +1,7 @@
-"""Generation engines: the contract the service drives, and the reference engine.
+"""The reference engine (``--engine transformers``): the contract of ``engines/base.py`` on our
+``Qwen3MoeForCausalLMWithDeepStack`` and transformers' modules.
 
-``EngineBase`` is what ``ChatService`` needs from an engine (the reference engine here, or
-SGLang's). ``Engine`` runs transformers' modules on one worker thread; sequences are
+``Engine`` runs transformers' modules on one worker thread; sequences are
 interleaved one step at a time (each active sequence advances by one token per round), so a new
 request's prefill does not wait for older requests to finish.
 """
@@ -12,78 +12,17 @@ import logging
 import queue
 import threading
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from language_server.generate import SamplingParams, build_input_embeds, stream
-from language_server.model import Qwen3MoeForCausalLMWithDeepStack
-from language_server.requests import ReceivedPrompt
+from language_server.config import LanguageConfig
+from language_server.engines.base import Emit, EngineBase, GenJob, SamplingParams
+from language_server.engines.reference.generate import build_input_embeds, stream
+from language_server.engines.reference.model import Qwen3MoeForCausalLMWithDeepStack
+from language_server.pool.leases import ReceivedPrompt
+from transfer import DTYPES
 
 log = logging.getLogger("epd.language.engine")
-
-Emit = Callable[[str, Any], None]  # ("token", id) | ("end", finish_reason) | ("error", message)
-
-
-@dataclass(eq=False)
-class GenJob:
-    input_ids: torch.Tensor  # [seq]
-    positions: torch.Tensor  # [3, seq]
-    params: SamplingParams
-    emit: Emit
-    input_embeds: torch.Tensor | None = None
-    input_deepstack_embeds: torch.Tensor | None = None
-    visual_mask: torch.Tensor | None = None
-    payload: Any = None  # engine-specific inputs
-    # False: nobody reads tokens before the end (a whole answer, no stop strings to watch), so an
-    # engine may deliver them all at once (SGLang then sends one message per request, not per token)
-    stream: bool = True
-    cancelled: bool = False
-    generated: int = 0
-    marks: dict[str, float] = field(default_factory=dict)
-    _tokens: Iterator[int] | None = None
-
-
-class EngineBase(ABC):
-    """What the language service needs from a generation engine.
-
-    Called from the asyncio loop; no method blocks. Every job ends with exactly one ``emit`` of
-    "end" or "error" (after its "token" events), unless it was cancelled first.
-    """
-
-    @abstractmethod
-    def job_for_text(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, params: SamplingParams, emit: Emit
-    ) -> GenJob:
-        """A job for a prompt without images (``positions`` [3, seq])."""
-
-    @abstractmethod
-    def job_for_image(self, prompt: ReceivedPrompt, params: SamplingParams, emit: Emit) -> GenJob:
-        """A job for a prompt whose visual rows arrived.
-
-        ``prompt.embeds`` / ``prompt.deepstack`` are views into the receive pool, whose blocks
-        are freed as soon as this returns: copy what the job needs before returning.
-        """
-
-    @abstractmethod
-    def submit(self, job: GenJob) -> None:
-        """Queue ``job``; the engine owns its tensors from now on."""
-
-    @abstractmethod
-    def cancel(self, job: GenJob) -> None:
-        """Stop ``job`` soon; it emits nothing more. Idempotent."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Stop the engine and free its resources."""
-
-    @property
-    @abstractmethod
-    def active(self) -> int:
-        """Sequences being generated now."""
 
 
 class Engine(EngineBase):
@@ -177,3 +116,12 @@ class Engine(EngineBase):
         if job.generated >= job.params.max_new_tokens:  # done now, not at the next round
             self._active.remove(job)
             job.emit("end", "length")
+
+
+def build(config: LanguageConfig, pool_address: str = "") -> Engine:
+    """The registry's builder: the language weights of ``config.model`` on ``config.device``.
+    The pool stays in the front door's process (``pool_address`` is unused)."""
+    model = Qwen3MoeForCausalLMWithDeepStack.from_pretrained(
+        config.model, config.device, DTYPES[config.dtype]
+    )
+    return Engine(model)

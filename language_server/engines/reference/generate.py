@@ -12,44 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from language_server.model import Qwen3MoeForCausalLMWithDeepStack
+from language_server.engines.base import SamplingParams
+from language_server.engines.reference.model import Qwen3MoeForCausalLMWithDeepStack
 
 N_DEEPSTACK = 3
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1.0 mean no filtering.
-
-    Generation stops after ``max_new_tokens`` or at a token in ``stop_token_ids`` (which is not
-    returned). ``seed`` makes sampling reproducible (a private torch.Generator).
-    """
-
-    max_new_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError("stop_token_ids must be non-negative ints")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 @dataclass(frozen=True)

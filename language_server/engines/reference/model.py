@@ -26,7 +26,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
     Qwen3VLMoeTextRotaryEmbedding,
 )
 
-from language_server.weights import load_language_state
+from language_server.engines.weights import load_language_state
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``SGLangEngine``: the language model on SGLang's engine, in process (``epd-language --engine sglang``).
 
 SGLang's ``Engine`` runs its scheduler (the model, ``Qwen3MoeForCausalLMWithDeepStack`` from
-``language_server.sglang_models``) and detokenizer in subprocesses it spawns, and its tokenizer
+``language_server.engines.sglang.models``) and detokenizer in subprocesses it spawns, and its tokenizer
 manager in this process on an asyncio loop. That loop is ours and runs on a dedicated thread
 ("sglang-loop"), which also builds the engine (SGLang's children die with the thread that spawned
 them): ``submit`` (called on the server's loop) schedules one coroutine per job there with
@@ -15,17 +15,14 @@ process dies, the server exits (status 70) rather than serve errors forever.
 Inputs per request are what the encoder computed, never recomputed: the input ids with image pads
 already expanded, our M-RoPE positions ``[3, seq]`` (and their decode delta), and the visual rows.
 The receive pool lives in SGLang's scheduler process (TP rank 0, on the model's device; see
-``sglang_models/pool_host.py`` and docs/sglang.md), so an image item carries only a descriptor,
+``engines/sglang/models/pool_host.py`` and docs/sglang.md), so an image item carries only a descriptor,
 ``{"modality": "IMAGE", "epd_pool": {"rows", "runs": [[pool_row, rows], ...]}}``: our model copies
 each visual row once, from the pool's views into its input embeddings and DeepStack buffer, and
 the blocks go back to the front door's lender when SGLang's stream of the request has ended.
 A ``ReceivedPrompt`` with tensors (a pool in this process; the golden test) still goes the old
 way: one ``[n, 4H]`` tensor in SGLang's precomputed format (``torch.cat``, then SGLang's copy into
-/dev/shm, then the scatter into the model's inputs: three copies).
-
-``SGLANG_EXTERNAL_MODEL_PACKAGE`` is set to ``language_server.sglang_models`` before sglang is
-imported, and the checkpoint's ``architectures`` are overridden through
-``json_model_override_args`` (the checkpoint directory is never edited).
+/dev/shm, then the scatter into the model's inputs: three copies). Start-up and SGLang's
+arguments: ``launch.py``.
 """
 
 from __future__ import annotations
@@ -33,12 +30,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib
-import json
 import logging
 import os
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -47,26 +41,10 @@ from typing import Any
 
 import torch
 
-from language_server.config import LanguageConfig
-from language_server.engine import Emit, EngineBase, GenJob
-from language_server.generate import SamplingParams
-from language_server.receiver import ReceivedPrompt
-from language_server.sglang_models import ARCHITECTURE, EXTERNAL_PACKAGE
+from language_server.engines.base import Emit, EngineBase, GenJob, SamplingParams
+from language_server.pool.leases import ReceivedPrompt
 
 log = logging.getLogger("epd.language.sglang")
-
-# The first name selects our class; the second keeps SGLang's Qwen3-VL multimodal processor and
-# flags, which SGLang picks by architecture NAME (with the first alone startup fails with
-# "No processor registered for architecture").
-ARCHITECTURES = [ARCHITECTURE, "Qwen3VLMoeForConditionalGeneration"]
-EXTRA_ARGS_ENV = "EPD_SGLANG_ARGS"  # JSON object of extra sglang ServerArgs, e.g. {"tp_size": 8}
-# sleep_on_idle: an idle scheduler otherwise busy-spins a core (5.0 s of CPU per 5 s idle, 0.08 s
-# with it); on a small host that starved a co-located encoder (a 17 ms ViT step took 489 ms).
-CPU_DEFAULTS = {
-    "attention_backend": "torch_native",
-    "max_total_tokens": 65536,
-    "sleep_on_idle": True,
-}
 
 
 @dataclass(eq=False)
@@ -110,23 +88,8 @@ class SGLangEngine(EngineBase):
             raise
         self._children = sorted(_child_pids() - before)  # SGLang's scheduler and detokenizer
 
-    @classmethod
-    def from_config(
-        cls, config: LanguageConfig, pool: dict[str, Any] | None = None, **overrides: Any
-    ) -> SGLangEngine:
-        """Start SGLang's engine for ``config.model`` (blocks until the model is loaded);
-        ``pool`` (see ``pool_spec``) makes its scheduler process host the receive pool.
-
-        Called on the main thread (the server's start-up), it also handles SIGQUIT, which SGLang's
-        watchdog sends this process when one of its children dies: the server logs it, kills
-        SGLang's remaining processes and exits with status 70 instead of dumping core.
-        """
-        engine = cls(lambda: start_sglang(config, pool, **overrides))
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGQUIT, engine._on_child_death)
-        return engine
-
-    def _on_child_death(self, *_: Any) -> None:
+    def on_child_death(self, *_: Any) -> None:
+        """SIGQUIT from SGLang's watchdog (one of its children died): exit with status 70."""
         log.critical("an SGLang process died (see the log above); the language server exits")
         _kill(self._children)
         os._exit(70)
@@ -280,22 +243,6 @@ class SGLangEngine(EngineBase):
             log.debug("abort of %s failed", request.rid, exc_info=True)
 
 
-def _check_pool_args(args: dict[str, Any]) -> None:
-    """Settings the pool in TP rank 0's scheduler process cannot serve: refuse them at start."""
-    bad = []
-    if int(args.get("dp_size", 1) or 1) > 1 or int(args.get("attn_dp_size", 1) or 1) > 1:
-        bad.append("dp_size/attn_dp_size > 1 (one pool per replica; the front door knows one)")
-    if args.get("enable_dp_attention"):
-        bad.append("enable_dp_attention (ranks run different batches: the rows' broadcast "
-                   "would not match)")  # fmt: skip
-    if args.get("speculative_algorithm"):
-        bad.append("speculative decoding")
-    if bad:
-        raise ValueError(
-            "--engine sglang with the receive pool does not support: " + "; ".join(bad)
-        )
-
-
 def _once_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None] | None) -> Callable[[], None]:
     """``fn`` run once, on ``loop`` (the server's: the receiver is not thread-safe)."""
     done = threading.Lock()
@@ -332,91 +279,6 @@ def sampling_params(params: SamplingParams) -> dict[str, Any]:
     if params.seed is not None:
         out["sampling_seed"] = params.seed  # honoured with --enable-deterministic-inference
     return out
-
-
-def pool_spec(config: LanguageConfig, address: str) -> dict[str, Any]:
-    """What SGLang's scheduler process needs to host the receive pool (plain JSON values):
-    the front door's channel ``address``, the transport and its options, sizes, dtype."""
-    return {"address": address, "transport": config.transport,
-            "options": config.receiver_options(), "num_blocks": config.num_blocks,
-            "block_tokens": config.block_tokens, "dtype": config.dtype}  # fmt: skip
-
-
-def engine_args(
-    config: LanguageConfig, pool: dict[str, Any] | None = None, **overrides: Any
-) -> dict[str, Any]:
-    """Keyword arguments of ``sglang.Engine`` for ``config`` (+ EPD_SGLANG_ARGS, + overrides).
-
-    ``pool`` (``pool_spec``) reaches our model's ``__init__`` in the scheduler process as
-    ``config.epd_pool`` (SGLang sets every key of ``json_model_override_args`` on the config).
-    """
-    device, _, index = config.device.partition(":")
-    model_overrides: dict[str, Any] = {"architectures": ARCHITECTURES}
-    if pool is not None:
-        model_overrides["epd_pool"] = pool
-    if config.torch_threads > 0:  # else SGLang's scheduler takes one thread per core
-        model_overrides["epd_torch_threads"] = config.torch_threads
-    args: dict[str, Any] = {
-        "model_path": str(config.model),
-        "dtype": config.dtype,
-        "device": device,
-        "json_model_override_args": json.dumps(model_overrides),
-        "log_level": config.log_level.lower(),
-        # ids in, ids out, but keep SGLang's tokenizer: with skip_tokenizer_init its tokenizer
-        # manager would pickle the tensor path's [n, 4H] rows inline to the scheduler (2+
-        # copies) instead of one copy into shared memory.
-        "skip_tokenizer_init": False,
-        "random_seed": 0,
-    }
-    if device == "cpu":
-        args.update(CPU_DEFAULTS, disable_cuda_graph=True)
-    else:
-        # A replayed prefill graph takes only input_embeds into its static buffer; whether the
-        # DeepStack rows reach it is unchecked (docs/sglang.md): off until a GPU check says so.
-        args["disable_prefill_cuda_graph"] = True
-        if index:
-            args["base_gpu_id"] = int(index)
-    extra = os.environ.get(EXTRA_ARGS_ENV, "").strip()
-    if extra:
-        parsed = json.loads(extra)
-        if not isinstance(parsed, dict):
-            raise ValueError(f"{EXTRA_ARGS_ENV} must be a JSON object of sglang ServerArgs")
-        args.update(parsed)
-    args.update(overrides)
-    return args
-
-
-def start_sglang(config: LanguageConfig, pool: dict[str, Any] | None = None,
-                 **overrides: Any) -> Any:  # fmt: skip
-    """Register our model package, then start ``sglang.Engine`` (blocks ~20 s on CPU)."""
-    current = os.environ.get("SGLANG_EXTERNAL_MODEL_PACKAGE")
-    if current not in (None, "", EXTERNAL_PACKAGE):
-        raise RuntimeError(f"SGLANG_EXTERNAL_MODEL_PACKAGE is {current!r}; --engine sglang "
-                           f"needs {EXTERNAL_PACKAGE!r}")  # fmt: skip
-    os.environ["SGLANG_EXTERNAL_MODEL_PACKAGE"] = EXTERNAL_PACKAGE  # inherited by SGLang's children
-    try:
-        importlib.import_module(f"{EXTERNAL_PACKAGE}.qwen3_moe_deepstack")  # surface import errors
-        from sglang.srt.entrypoints.engine import Engine
-    except ImportError as exc:
-        raise ImportError(
-            f"--engine sglang needs SGLang 0.5.23 ({exc}); GPU nodes: pip install -e '.[sglang]' "
-            "(see docs/sglang.md), CPU: bash scripts/setup_sglang.sh"
-        ) from exc
-    args = engine_args(config, pool, **overrides)
-    if pool is not None:
-        _check_pool_args(args)
-    if args["device"] == "cpu" and int(args.get("tp_size", 1)) > 1:
-        # TP on CPU: one OpenMP core set per rank (SGLang otherwise asks for a NUMA node per
-        # rank), and no NCCL (a CUDA build of torch finds libnccl and SGLang then wants CUDA);
-        # the ranks talk over gloo.
-        cores = os.cpu_count() or 1
-        per = max(1, cores // int(args["tp_size"]))
-        binds = "|".join(f"{r * per}-{r * per + per - 1}" if per > 1 else str(r * per % cores)
-                         for r in range(int(args["tp_size"])))  # fmt: skip
-        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", binds)
-        os.environ.setdefault("SGLANG_NCCL_SO_PATH", "/nonexistent/libnccl.so.2")
-    log.info("starting SGLang's engine: %s", {k: v for k, v in args.items() if k != "model_path"})
-    return Engine(**args)
 
 
 def _run_into(future: concurrent.futures.Future, fn: Callable[[], Any]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import protocol as P
-from language_server.encoders import EncoderPool, LinkState
+from language_server.encoders.links import EncoderPool, LinkState
 
 
 def _pool() -> EncoderPool:

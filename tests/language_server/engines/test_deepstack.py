@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from epd.local import language_inputs
-from language_server.model import Qwen3MoeModel, Qwen3MoeModelWithDeepStack
+from language_server.engines.reference.model import Qwen3MoeModel, Qwen3MoeModelWithDeepStack
 
 
 @pytest.fixture(scope="module")

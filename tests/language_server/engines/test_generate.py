@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from epd.local import language_inputs
-from language_server.generate import (
-    SamplingParams,
+from language_server.engines.base import SamplingParams
+from language_server.engines.reference.generate import (
     build_input_embeds,
     generate,
     next_token,

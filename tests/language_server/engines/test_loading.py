@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from epd.local import prefill_logits
 from epd.tiny_model import make_tiny_model
-from language_server.model import Qwen3MoeForCausalLMWithDeepStack
-from language_server.weights import to_internal
+from language_server.engines.reference.model import Qwen3MoeForCausalLMWithDeepStack
+from language_server.engines.weights import to_internal
 
 
 @pytest.fixture(scope="module")

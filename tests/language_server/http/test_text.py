@@ -1,6 +1,6 @@
 import random
 
-from language_server.text import Detokenizer
+from language_server.http.text import Detokenizer
 
 
 def test_incremental_text_equals_one_decode(tiny_model_dir):

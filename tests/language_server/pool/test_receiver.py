@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import protocol as P
-from language_server.receiver import Receiver
-from language_server.requests import Lease, LeaseState, Pending, RequestError
+from language_server.pool.leases import Lease, LeaseState, Pending, RequestError
+from language_server.pool.receiver import Receiver
 from transfer import MultimodalDataBuffers, make_receiver, rows_checksum
 
 HIDDEN, BLOCK = 8, 4
@@ -197,9 +197,9 @@ def test_a_pool_elsewhere_is_verified_by_its_host_and_held_until_released():
     match fail the request with 502 and every block comes back."""
     import asyncio
 
-    from language_server.pool_link import PoolHostLink
-    from language_server.requests import ReceivedPrompt
-    from language_server.sglang_models.pool_host import PoolHost
+    from language_server.engines.sglang.models.pool_host import PoolHost
+    from language_server.pool.host_link import PoolHostLink
+    from language_server.pool.leases import ReceivedPrompt
     from transfer.buffers import PoolLayout
 
     async def until(cond, timeout=10.0):

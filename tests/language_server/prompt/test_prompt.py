@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from language_server.prompt import PromptBuilder, PromptError, PromptLimits
+from language_server.prompt.builder import PromptBuilder, PromptError, PromptLimits
 from protocol.messages import ChatTurn, ContentPart
 
 # name -> (list of (height, width, format, exif orientation), system turn?)

@@ -16,7 +16,7 @@ layout: ``model.language_model.*`` -> ``model.*``, ``lm_head.weight``; fused exp
 ``[E, 2I, H]`` / ``[E, H, I]`` is told apart by shape) are split per expert, and per-expert
 tensors (``experts.{e}.gate_proj.weight``...) load as well.
 
-Registered through ``SGLANG_EXTERNAL_MODEL_PACKAGE=language_server.sglang_models``; the engine
+Registered through ``SGLANG_EXTERNAL_MODEL_PACKAGE=language_server.engines.sglang.models``; the engine
 passes ``architectures = ["Qwen3MoeForCausalLMWithDeepStack", "Qwen3VLMoeForConditionalGeneration"]``
 in ``json_model_override_args``: the first name selects this class, the second keeps SGLang's
 Qwen3-VL multimodal processor (chosen by architecture name) for the precomputed inputs.
@@ -47,8 +47,8 @@ from sglang.srt.utils import add_prefix
 from sglang.srt.utils.hf_transformers.common import get_rope_config
 from torch import nn
 
-from language_server.sglang_models import pool_host
-from language_server.weights import LANGUAGE_PREFIX, LM_HEAD, to_internal
+from language_server.engines.sglang.models import pool_host
+from language_server.engines.weights import LANGUAGE_PREFIX, LM_HEAD, to_internal
 
 log = logging.getLogger(__name__)
 

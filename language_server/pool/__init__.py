@@ -1,0 +1,11 @@
+"""The receive pool's lender: blocks lent per image job, what arrived checked, blocks taken back only
+when their writer is done (the rule in ``transfer/base.py``).
+
+- ``leases.py``: ``Pending`` (a request's images), ``Lease`` (one image's blocks), their states,
+  ``ReceivedPrompt`` (what an engine gets), ``RequestError``.
+- ``receiver.py``: ``Receiver``: lending, what encoders say checked, block lifetimes.
+- ``host_link.py``: ``PoolHostLink``, the front door's channel to a pool held where the model
+  runs (SGLang's scheduler process).
+
+Imports only ``protocol`` and ``transfer``: no other subpackage of ``language_server``.
+"""
