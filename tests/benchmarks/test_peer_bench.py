@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from benchmarks.peer import SYSTEMS, check_tokens
+from benchmarks.peer import SYSTEMS
+from benchmarks.peer_report import check_tokens
 from epd.cluster import script
 
 POINT = "max_tokens=4 concurrency=2"
