@@ -47,7 +47,8 @@ def sglang_engine(tiny_model_dir):
     effects (multiprocessing start method, event-loop policy) are undone afterwards.
     """
     from language_server.config import LanguageConfig
-    from language_server.engines.sglang.engine import SGLangEngine, start_sglang
+    from language_server.engines.sglang.engine import SGLangEngine
+    from language_server.engines.sglang.launch import start_sglang
 
     method, policy = mp.get_start_method(allow_none=True), asyncio.get_event_loop_policy()
     previous = signal.signal(signal.SIGQUIT, lambda *_: CRASHED.set())

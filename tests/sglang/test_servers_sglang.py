@@ -200,7 +200,7 @@ def test_a_dead_sglang_scheduler_stops_the_language_server(tiny_model_dir, tmp_p
 
 def test_cpu_defaults_keep_an_idle_scheduler_asleep(tiny_model_dir):
     from language_server.config import LanguageConfig
-    from language_server.engines.sglang.engine import engine_args
+    from language_server.engines.sglang.launch import engine_args
 
     args = engine_args(LanguageConfig(model=tiny_model_dir, engine="sglang"))
     assert args["sleep_on_idle"] is True and args["device"] == "cpu"
@@ -209,7 +209,7 @@ def test_cpu_defaults_keep_an_idle_scheduler_asleep(tiny_model_dir):
 
 def test_torch_threads_reach_the_scheduler_through_the_model_config(tiny_model_dir):
     from language_server.config import LanguageConfig
-    from language_server.engines.sglang.engine import engine_args
+    from language_server.engines.sglang.launch import engine_args
 
     config = LanguageConfig(model=tiny_model_dir, engine="sglang", torch_threads=3)
     assert json.loads(engine_args(config)["json_model_override_args"])["epd_torch_threads"] == 3
@@ -217,7 +217,7 @@ def test_torch_threads_reach_the_scheduler_through_the_model_config(tiny_model_d
 
 def test_settings_the_pool_cannot_serve_are_refused_and_gpus_skip_prefill_graphs(tiny_model_dir):
     from language_server.config import LanguageConfig
-    from language_server.engines.sglang.engine import _check_pool_args, engine_args
+    from language_server.engines.sglang.launch import _check_pool_args, engine_args
 
     config = LanguageConfig(model=tiny_model_dir, engine="sglang")
     _check_pool_args(engine_args(config, {"address": "ipc:///x"}, tp_size=2, pp_size=2))
