@@ -71,7 +71,8 @@ class Dispatcher:
                 done.set_exception(RequestError(500, f"cannot build the prompt: {exc}"))
 
         pending = Pending(rid, prompt, on_ready)
-        pending.leases = [Lease(pending, i, spec.n_tokens) for i, spec in enumerate(prompt.images)]
+        pending.leases = [Lease(pending, i, spec.n_tokens, content_key=spec.content_key)
+                          for i, spec in enumerate(prompt.images)]  # fmt: skip
         self.receiver.admit(pending)  # sends the jobs now, or once blocks free up
         try:
             return await asyncio.wait_for(done, self.timeout_s)

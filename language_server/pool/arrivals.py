@@ -79,7 +79,7 @@ class Arrivals(Lifetimes):
             return
         lease.state = LeaseState.VERIFIED
         lease.link.served += 1
-        if all(x.state is LeaseState.VERIFIED for x in lease.request.leases):
+        if all(x.state in (LeaseState.VERIFIED, LeaseState.CACHED) for x in lease.request.leases):
             self._complete(lease.request)
 
     def _on_failed(self, link: Any, msg: P.EncodeFailed) -> None:

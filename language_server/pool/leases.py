@@ -42,6 +42,8 @@ class ReceivedPrompt:
     n_visual: int = 0  # visual rows in all
     pool_runs: list[tuple[int, int]] | None = None
     release: Callable[[], None] | None = None
+    cached_images: int = 0  # images whose rows were resident: no encode, no transfer
+    cached_tokens: int = 0
 
 
 class LeaseState(enum.Enum):
@@ -50,6 +52,7 @@ class LeaseState(enum.Enum):
     WRITTEN = "written"  # TransferDone arrived: the write ended; the rows are being checked
     VERIFIED = "verified"  # TransferDone checked: the rows are in the blocks
     ORPHANED = "orphaned"  # the request ended; the blocks wait for their writer to let go
+    CACHED = "cached"  # the image's rows are resident (``resident``): no job, never lent
 
 
 @dataclass(eq=False)
@@ -70,6 +73,8 @@ class Lease:
     state: LeaseState = LeaseState.WAITING
     dead_since: float = 0.0  # when its writer was declared dead (0: alive)
     timings: P.EncodeTimings | None = None
+    content_key: bytes = b""  # SHA-256 of the image's bytes and row settings (prompt/builder.py)
+    resident: Any = None  # the pool.cache.Resident whose rows it reads (one reference)
 
     @property
     def key(self) -> tuple[str, int, int]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import protocol as P
+from language_server.pool.cache import ImageCache, Resident
 from language_server.pool.leases import Lease, LeaseState, Pending, ReceivedPrompt, RequestError
 from transfer import MultimodalDataBuffers
 from transfer.buffers import PoolLayout
@@ -41,6 +42,7 @@ class Lifetimes:
     lent: dict[tuple[str, int, int], Lease]
     handed: dict[str, Pending]
     copying: list[tuple[Any, list[int]]]
+    cache: ImageCache | None
 
     def _serve_waiting(self) -> None:
         """Lend to the requests waiting for room (``Receiver``'s lending)."""
@@ -52,12 +54,16 @@ class Lifetimes:
         the rows are instead; the blocks come back with ``release``."""
         self._forget(req)
         req.marks["done_received"] = time.perf_counter()
+        cached = [x for x in req.leases if x.state is LeaseState.CACHED]
+        for lease in req.leases:
+            self.lent.pop(lease.key, None)  # nothing an encoder says can touch them any more
+            if lease.state is not LeaseState.CACHED:
+                self._keep(lease)
         prompt = req.prompt
+        n_cached, cached_tokens = len(cached), sum(x.n_tokens for x in cached)
         last = max(req.leases, key=lambda x: _total(x.timings))
         if not self.local:
             self.handed[req.rid] = req
-            for lease in req.leases:  # nothing an encoder says can touch them any more
-                self.lent.pop(lease.key, None)
             runs = [
                 r for x in req.leases for r in self.buffers.block_rows(x.blocks or [], x.n_tokens)
             ]
@@ -66,7 +72,7 @@ class Lifetimes:
                 visual_mask=prompt.visual_mask, embeds=None, deepstack=None,
                 image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
                 pool_runs=runs, n_visual=sum(x.n_tokens for x in req.leases),
-                release=lambda: self.release(req),
+                release=lambda: self.release(req), cached_images=n_cached, cached_tokens=cached_tokens,
             )  # fmt: skip
             req.on_ready(ready, None)  # the engine calls ``release`` once done with the rows
             return
@@ -81,15 +87,13 @@ class Lifetimes:
             input_ids=prompt.input_ids, positions=prompt.positions,
             visual_mask=prompt.visual_mask, embeds=embeds, deepstack=deepstack,
             image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
-            n_visual=embeds.shape[0],
+            n_visual=embeds.shape[0], cached_images=n_cached, cached_tokens=cached_tokens,
         )  # fmt: skip
         try:
             req.on_ready(ready, None)  # the engine copies the rows it needs before returning
         finally:
             for lease in req.leases:
-                self.lent.pop(lease.key, None)
-                self._free_after_copy(lease.blocks)
-                lease.blocks = None
+                self._done_with(lease, after_copy=True)
 
     def release(self, req: Pending) -> None:
         """The engine is done with ``req``'s rows (memory elsewhere): its blocks come back.
@@ -97,8 +101,7 @@ class Lifetimes:
         if self.handed.pop(req.rid, None) is not req:
             return
         for lease in req.leases:
-            self._free(lease.blocks)
-            lease.blocks = None
+            self._done_with(lease, after_copy=False)
 
     def fail(self, req: Pending, error: RequestError, skip: Lease | None = None) -> None:
         """End ``req`` with ``error``. Its encoders are told to stop (Abort); blocks that they
@@ -106,7 +109,9 @@ class Lifetimes:
         if not self._forget(req):
             return
         for lease in req.leases:
-            if lease.state is LeaseState.SENT:
+            if lease.state is LeaseState.CACHED:  # resident rows it would have read
+                self._done_with(lease, after_copy=False)
+            elif lease.state is LeaseState.SENT:
                 lease.state = LeaseState.ORPHANED
                 if lease is not skip:
                     lease.link.send(P.Abort(rid=req.rid, image=lease.image,
@@ -144,6 +149,49 @@ class Lifetimes:
             elif lease.state is LeaseState.ORPHANED:
                 self._return(lease)
         return hit
+
+    # --- resident images --------------------------------------------------------------------
+
+    def _keep(self, lease: Lease) -> None:
+        """``lease``'s verified rows stay resident (read by its request until it is done), when
+        the cache is on, has room, and does not hold the image already."""
+        if self.cache is None or not lease.content_key or lease.blocks is None:
+            return
+        evicted = self.cache.room_for(len(lease.blocks))
+        if evicted is None:
+            return
+        self._free_evicted(evicted)
+        lease.resident = self.cache.insert(lease.content_key, lease.blocks, lease.n_tokens, 1)
+
+    def _done_with(self, lease: Lease, after_copy: bool) -> None:
+        """``lease``'s request will not read its rows again: resident rows stay (one reader
+        less), other blocks go back (``after_copy``: once the copies queued so far are done)."""
+        if lease.resident is not None:
+            assert self.cache is not None
+            self.cache.release(lease.resident)
+            lease.resident, lease.blocks = None, None
+            if self.waiting:
+                self._serve_waiting()  # idle residents are room
+            return
+        if after_copy:
+            self._free_after_copy(lease.blocks)
+        else:
+            self._free(lease.blocks)
+        lease.blocks = None
+
+    def _evict(self, n_blocks: int) -> None:
+        """Evict idle residents (least recently used first) until ``n_blocks`` are free or on
+        their way (after the copies queued so far, on a GPU)."""
+        if self.cache is not None:
+            self._free_evicted(self.cache.evict(n_blocks))
+
+    def _free_evicted(self, evicted: list[Resident]) -> None:
+        for entry in evicted:  # no _serve_waiting here: the caller is lending this room
+            event = self.copy_event()
+            if event is not None and not event.query():
+                self.copying.append((event, entry.blocks))
+            else:
+                self.buffers.free(entry.blocks)
 
     # --- helpers ----------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import torch
 
 import protocol as P
 from language_server.pool.arrivals import Arrivals
+from language_server.pool.cache import ImageCache
 from language_server.pool.leases import Lease, LeaseState, Pending, RequestError
 from language_server.pool.lifetimes import log
 from transfer import MultimodalDataBuffers, dtype_name
@@ -38,7 +39,8 @@ class Receiver(Arrivals):
 
     def __init__(self, buffers: PoolLayout, max_waiting: int = 64,
                  alloc_wait_s: float = 10.0, dead_writer_s: float = 30.0,
-                 copy_event: Callable[[], Any] | None = None, host: Any = None) -> None:  # fmt: skip
+                 copy_event: Callable[[], Any] | None = None, host: Any = None,
+                 cache: ImageCache | None = None) -> None:  # fmt: skip
         self.buffers = buffers
         # Where the memory is: here (MultimodalDataBuffers), or in another process whose
         # ``host`` (a PoolHostLink) verifies rows there; the engine then reads them there and
@@ -65,6 +67,7 @@ class Receiver(Arrivals):
         self.on_lent: Callable[[Pending], None] = lambda pending: None  # send its jobs
         self.peak_used = 0
         self.dropped_messages = 0
+        self.cache = cache  # resident images (None: off)
 
     @property
     def orphaned_blocks(self) -> int:
@@ -96,27 +99,47 @@ class Receiver(Arrivals):
                                f"need {need} blocks; the pool has {self.buffers.num_blocks} "
                                f"blocks of {self.buffers.block_tokens} tokens")  # fmt: skip
         self.pending[pending.rid] = pending
-        if not self.waiting and self._lend_all(pending):
+        self._hits(pending)
+        # a request whose every image is resident needs no blocks: it never queues
+        if (not self.waiting or not self._todo(pending)) and self._lend_all(pending):
             return
         if len(self.waiting) >= self.max_waiting:
             del self.pending[pending.rid]
+            for lease in pending.leases:
+                self._done_with(lease, after_copy=False)
             raise RequestError(503, "receive buffers are full; retry later", retry_after_s=1.0)
         pending.waiting_since = time.monotonic()
         self.waiting.append(pending)
+
+    def _hits(self, pending: Pending) -> None:
+        """Point every image of ``pending`` that is resident at its rows (no job, no blocks)."""
+        if self.cache is None:
+            return
+        for lease in pending.leases:
+            entry = self.cache.acquire(lease.content_key) if lease.content_key else None
+            if entry is not None:
+                lease.resident, lease.blocks, lease.state = entry, entry.blocks, LeaseState.CACHED
 
     def _todo(self, pending: Pending) -> list[Lease]:
         return [x for x in pending.leases if x.state is LeaseState.WAITING and x.blocks is None]
 
     def _fits(self, pending: Pending) -> bool:
         need = sum(self.buffers.blocks_for(x.n_tokens) for x in self._todo(pending))
-        return need <= self.buffers.num_free
+        idle = self.cache.idle_blocks if self.cache is not None else 0
+        return need <= self.buffers.num_free + idle  # idle residents are evicted for room
 
     def _lend_all(self, pending: Pending) -> bool:
         """Blocks for every lease still without them, all or none; then ``on_lent`` (which
         may end the request, e.g. when no encoder is reachable)."""
         if not self._fits(pending):
             return False
-        for lease in self._todo(pending):
+        todo = self._todo(pending)
+        need = sum(self.buffers.blocks_for(x.n_tokens) for x in todo)
+        if need > self.buffers.num_free:
+            self._evict(need - self.buffers.num_free)
+            if need > self.buffers.num_free:  # evicted rows still being copied out (GPU)
+                return False
+        for lease in todo:
             blocks = self.buffers.alloc(lease.n_tokens)
             assert blocks is not None  # fits: checked above
             lease.blocks, lease.generation = blocks, secrets.randbits(63)
@@ -124,6 +147,10 @@ class Receiver(Arrivals):
         pending.waiting_since = 0.0
         pending.marks.setdefault("lent", time.perf_counter())
         self.on_lent(pending)
+        if self.pending.get(pending.rid) is pending and all(
+            x.state is LeaseState.CACHED for x in pending.leases
+        ):
+            self._complete(pending)  # every image resident: nothing to wait for
         return True
 
     def job(self, lease: Lease, data: bytes, grid: list[int]) -> P.EncodeJob:
@@ -173,7 +200,10 @@ class Receiver(Arrivals):
 
     def _serve_waiting(self) -> None:
         while self.waiting and self._fits(self.waiting[0]):
-            self._lend_all(self.waiting.popleft())
+            req = self.waiting.popleft()
+            if not self._lend_all(req):  # room only once evicted rows are copied out
+                self.waiting.appendleft(req)
+                return
 
 
 def _cuda_event() -> Any:

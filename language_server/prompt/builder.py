@@ -13,7 +13,9 @@ the tokenizer, so it may run in a worker thread.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ class ImageSpec:
     grid: tuple[int, int, int]  # (t, h, w) in patches
     n_tokens: int  # t * h * w // merge**2
     offset: int  # first row of this image among the prompt's visual rows
+    content_key: bytes = b""  # SHA-256 over the row settings and the bytes (``image_key``)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,11 @@ class PromptBuilder:
     """Owns the Hugging Face processor's template, tokenizer and image-size rule; no weights."""
 
     def __init__(
-        self, processor: Any, config: Qwen3VLMoeConfig, limits: PromptLimits | None = None
+        self,
+        processor: Any,
+        config: Qwen3VLMoeConfig,
+        limits: PromptLimits | None = None,
+        rows_dtype: str = "",
     ) -> None:
         self.processor = processor
         self.config = config
@@ -119,15 +126,16 @@ class PromptBuilder:
             or 1
         )
         self.merge_size = int(self._images.merge_size)
+        self.key_salt = _key_salt(self._images, config, rows_dtype)
         if self.merge_size != config.vision_config.spatial_merge_size:  # type: ignore[union-attr]
             raise ValueError("the image processor's merge_size differs from the model's")
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, limits: PromptLimits | None = None
+        cls, model_dir: str | Path, limits: PromptLimits | None = None, rows_dtype: str = ""
     ) -> PromptBuilder:
         return cls(AutoProcessor.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir),
-                   limits)  # fmt: skip
+                   limits, rows_dtype)  # fmt: skip
 
     @property
     def tokenizer(self) -> Any:
@@ -148,7 +156,8 @@ class PromptBuilder:
                               f"{self.limits.max_prompt_tokens}", 400)  # fmt: skip
         specs, offset = [], 0
         for data, (grid, n) in zip(images, shapes, strict=True):
-            specs.append(ImageSpec(data=data, grid=grid, n_tokens=n, offset=offset))
+            specs.append(ImageSpec(data=data, grid=grid, n_tokens=n, offset=offset,
+                                   content_key=image_key(self.key_salt, data)))  # fmt: skip
             offset += n
         visual_mask = input_ids == self.image_token_id
         positions, delta = self._positions(input_ids, visual_mask, [g for g, _ in shapes])
@@ -246,3 +255,21 @@ def _header_size(data: bytes, k: int) -> tuple[int, int]:
     except Exception as exc:  # PIL's plugins raise many types on hostile headers
         raise PromptError(f"cannot decode image {k}: {type(exc).__name__}: {exc}") from None
     return (height, width) if orientation in SWAPPING_ORIENTATIONS else (width, height)
+
+
+def image_key(salt: bytes, data: bytes) -> bytes:
+    """An image's content key: SHA-256 over ``salt`` (what changes its rows) and its bytes, as
+    this server received them. The whole 32-byte digest is the key (issue 18)."""
+    h = hashlib.sha256(salt)
+    h.update(data)
+    return h.digest()
+
+
+def _key_salt(image_processor: Any, config: Qwen3VLMoeConfig, rows_dtype: str) -> bytes:
+    """Everything besides the bytes that changes an image's rows: the image processor's settings,
+    the vision tower's and the language model's shapes, the rows' dtype."""
+    text = getattr(config, "text_config", config)
+    parts = {"v": 1, "processor": image_processor.to_dict(),
+             "vision": config.vision_config.to_dict(),  # type: ignore[union-attr]
+             "hidden": getattr(text, "hidden_size", 0), "dtype": rows_dtype}  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()
