@@ -44,6 +44,13 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    help="visual tokens per block")  # fmt: skip
     p.add_argument("--max-waiting-allocs", type=int, default=d["max_waiting_allocs"].default,
                    help="requests that may wait for free blocks before 503")  # fmt: skip
+    p.add_argument("--no-image-cache", action="store_true",
+                   help="do not keep the rows of recent images resident in the pool (every "
+                   "image is encoded and sent again); see README's trust model")  # fmt: skip
+    p.add_argument("--image-cache-blocks", type=int, default=d["image_cache_blocks"].default,
+                   help="most pool blocks the rows of recent images may stay resident in "
+                   "(-1: the whole pool; idle residents are evicted whenever a request needs "
+                   "room); default 0: off for now (issue 18)")  # fmt: skip
     p.add_argument("--alloc-wait", type=float, default=d["alloc_wait_s"].default,
                    help="seconds a request may wait for free blocks before 503")  # fmt: skip
     p.add_argument("--dead-writer-wait", type=float, default=d["dead_writer_s"].default,
@@ -97,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
             advertise_host=a.advertise_host, device=a.device, dtype=a.dtype,
             num_blocks=a.num_blocks, block_tokens=a.block_tokens,
             max_waiting_allocs=a.max_waiting_allocs, alloc_wait_s=a.alloc_wait,
+            image_cache=not a.no_image_cache, image_cache_blocks=a.image_cache_blocks,
             dead_writer_s=a.dead_writer_wait, max_image_pixels=a.max_image_pixels,
             max_image_tokens=a.max_image_tokens, max_inflight=a.max_inflight, heartbeat_s=a.heartbeat,
             encoder_dead_after_s=a.encoder_dead_after, request_timeout_s=a.request_timeout,
@@ -115,6 +123,7 @@ def build_app(config: LanguageConfig):
     from language_server.http.app import create_app
     from language_server.http.metrics import Metrics
     from language_server.http.service import ChatService
+    from language_server.pool.cache import ImageCache
     from language_server.pool.receiver import Receiver
     from language_server.prompt.builder import PromptBuilder, PromptLimits
     from protocol.keys import client_keys
@@ -138,7 +147,7 @@ def build_app(config: LanguageConfig):
     limits = PromptLimits(max_prompt_tokens=config.max_prompt_tokens, max_images=config.max_images,
                           max_image_pixels=config.max_image_pixels,
                           max_image_tokens=config.max_image_tokens)  # fmt: skip
-    builder = PromptBuilder.from_pretrained(config.model, limits)
+    builder = PromptBuilder.from_pretrained(config.model, limits, config.dtype)
     hidden = builder.config.text_config.hidden_size  # type: ignore[union-attr]
     transport = None
     if link is not None:
@@ -158,8 +167,13 @@ def build_app(config: LanguageConfig):
         buffers = MultimodalDataBuffers(config.num_blocks, config.block_tokens,
                                         hidden, dtype, transport, config.device)  # fmt: skip
         where = f"this process ({config.device})"
+    cache = None
+    if config.image_cache and config.image_cache_blocks != 0:
+        size = config.image_cache_blocks
+        size = buffers.num_blocks if size < 0 else min(size, buffers.num_blocks)
+        cache = ImageCache(size, buffers.bytes_per_token)
     receiver = Receiver(buffers, config.max_waiting_allocs, config.alloc_wait_s,
-                        config.dead_writer_wait_s, host=link)  # fmt: skip
+                        config.dead_writer_wait_s, host=link, cache=cache)  # fmt: skip
     keys = client_keys(config.curve_keys, config.curve_server_key)
     encoders = EncoderPool(config.encoders, config.transport, receiver.on_message,
                            config.heartbeat_s, config.encoder_dead_after_s, keys)  # fmt: skip
@@ -184,7 +198,7 @@ def build_app(config: LanguageConfig):
         if transport is not None:
             transport.close()
 
-    return create_app(service, Metrics(), lifespan)
+    return create_app(service, Metrics(cache), lifespan)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,8 @@ class LanguageConfig:
     num_blocks: int = 256
     block_tokens: int = 64
     max_waiting_allocs: int = 64  # requests queued for blocks when the pool is full
+    image_cache: bool = True  # rows of recent images stay resident in the pool (issue 18)
+    image_cache_blocks: int = 0  # most blocks resident images may hold (0: off, -1: the pool)
     alloc_wait_s: float = 10.0  # how long a request may wait for blocks before 503
     dead_writer_s: float = -1.0  # blocks lent to an encoder declared dead come back this long
     # after (-1: the transport's own write timeout; transfer/base.py, rule 2c)
@@ -64,6 +66,8 @@ class LanguageConfig:
             raise ValueError(f"--transport must be one of {sorted(BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
+        if self.image_cache_blocks < -1:
+            raise ValueError("--image-cache-blocks must be >= 0, or -1 for the whole pool")
         if min(self.num_blocks, self.block_tokens, self.max_images) < 1:
             raise ValueError("--num-blocks, --block-tokens and --max-images must be >= 1")
         if self.max_images > MAX_IMAGES:

@@ -86,6 +86,7 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
                 "handed_blocks": receiver.handed_blocks,  # rows the engine reads in place
                 "waiting_requests": len(receiver.waiting),
                 "pending_requests": len(receiver.pending),
+                **_cache(receiver.cache),
                 **(await _pool_host(receiver)),
             },
             "encoders": links,
@@ -265,6 +266,15 @@ async def _sse(
 
 def _sse_error(status: int, message: str) -> str:
     return f"data: {json.dumps({'error': {'message': message, 'code': status}})}\n\n"
+
+
+def _cache(cache: Any) -> dict[str, Any]:
+    """The image cache in /health's pool: resident images and the blocks they hold."""
+    if cache is None:
+        return {"image_cache": False}
+    return {"image_cache": True, "resident_images": len(cache), "resident_blocks": cache.blocks,
+            "idle_resident_blocks": cache.idle_blocks, "image_cache_max_blocks": cache.max_blocks,
+            "image_cache_hits": cache.hits, "image_cache_misses": cache.misses}  # fmt: skip
 
 
 def _public(timings: dict[str, Any]) -> dict[str, Any]:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, cache: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if cache is not None:
+            r.register(_CacheCollector(cache))
         self.requests = Counter(
             "epd_requests",
             "Chat requests by HTTP status (499: the client went "
@@ -35,3 +40,27 @@ class Metrics:
             "epd_pool_peak_used_blocks", "Most blocks in use at once", registry=r
         )
         self.waiting = Gauge("epd_alloc_waiting", "Requests waiting for blocks", registry=r)
+
+
+class _CacheCollector:
+    """The image cache's own counters (``pool/cache.py``), read at each scrape."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def collect(self) -> Any:
+        c = self.cache
+        yield CounterMetricFamily("epd_image_cache_hits", "Images served from resident rows",
+                                  value=c.hits)  # fmt: skip
+        yield CounterMetricFamily("epd_image_cache_misses", "Images encoded and sent",
+                                  value=c.misses)  # fmt: skip
+        yield CounterMetricFamily("epd_image_cache_saved_bytes",
+                                  "Data-plane bytes not sent because the rows were resident",
+                                  value=c.hit_tokens * c.bytes_per_token)  # fmt: skip
+        yield CounterMetricFamily("epd_image_cache_evictions", "Resident images evicted",
+                                  value=c.evictions)  # fmt: skip
+        yield GaugeMetricFamily("epd_image_cache_resident_blocks", "Blocks resident images hold",
+                                value=c.blocks)  # fmt: skip
+
+    def describe(self) -> list[Any]:
+        return []

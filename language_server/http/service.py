@@ -116,7 +116,11 @@ class ChatService:
         t = prompt.timings
         n_vis = prompt.n_visual
         req.timings["visual_tokens"] = n_vis
-        req.timings["transfer_bytes"] = n_vis * self.receiver.buffers.bytes_per_token
+        per_token = self.receiver.buffers.bytes_per_token
+        req.timings["transfer_bytes"] = (n_vis - prompt.cached_tokens) * per_token
+        req.timings["cached_images"] = prompt.cached_images  # served from resident rows
+        req.timings["images"] = len(req.prompt.images)
+        req.timings["cache_saved_bytes"] = prompt.cached_tokens * per_token
         lent = req.marks.get("lent", req.marks["start"])
         req.timings.update(block_wait_s=max(0.0, lent - req.marks["start"]), queue_s=t.queue_s,
                            preprocess_s=t.preprocess_s, vision_s=t.vision_s,
