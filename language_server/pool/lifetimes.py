@@ -157,6 +157,8 @@ class Lifetimes:
         the cache is on, has room, and does not hold the image already."""
         if self.cache is None or not lease.content_key or lease.blocks is None:
             return
+        if lease.content_key in self.cache.entries:  # encoded twice at once: keep the first
+            return
         evicted = self.cache.room_for(len(lease.blocks))
         if evicted is None:
             return

@@ -136,3 +136,15 @@ def test_a_request_failing_while_it_waits_lets_go_of_its_resident_rows(transport
     with pytest.raises(RequestError, match="receive buffers are full"):
         _request(rx, link, "c", ("cat", 4), ("z", 8))  # cat is a hit, z cannot fit: 503
     assert rx.cache.idle_blocks == 1 and not rx.pending.get("c")
+
+
+def test_an_image_encoded_twice_at_once_evicts_nothing_and_keeps_one_copy(transport):
+    rx, link = _receiver(transport, blocks=4), Link()
+    _serve(rx, link, "a", ("dog", 8))  # 2 idle resident blocks
+    rx.cache.max_blocks = 3  # room for one more block of residents only
+    first, jobs_1, _ = _request(rx, link, "b", ("cat", 4))
+    second, jobs_2, _ = _request(rx, link, "c", ("cat", 4))  # both miss: both encode
+    for job in (*jobs_1, *jobs_2):
+        rx.on_message(link, _write(rx, job, seed=9))
+    assert set(rx.cache.entries) == {_key("dog"), _key("cat")}  # dog not evicted for the twin
+    assert rx.buffers.num_free == 4 - 3 and not rx.lent
