@@ -1,19 +1,23 @@
 """``epd-bench-turns``: multi-turn conversations that resend their image each turn, image cache
 on and off, side by side in one run (issue 18).
 
-Starts two local clusters on this host (one encoder and one language server each, Mooncake over
-TCP on loopback, the same engine): ``on`` with ``--image-cache-blocks -1`` (resident rows may
-fill the pool), ``off`` without. Each conversation gets its own image (fixed-seed random pixels)
+Each round starts two new local clusters on this host (one encoder and one language server each,
+Mooncake over TCP on loopback, the same engine): ``on`` with ``--cache-args`` (default
+``--image-cache-blocks -1``: resident rows may fill the pool), ``off`` with ``--no-image-cache``. Each conversation gets its own image (fixed-seed random pixels)
 and runs ``--turns`` turns the way chat clients send them: every turn carries the whole history,
 the image in the first user message included, the previous answers as assistant messages, and a
 new question. Conversations are paired: each runs on both clusters, the order alternating, so
 both see the same load and the same noise. Then ``--fresh`` single-turn requests with a new image
-each (no repeats: the cache can only cost there), also paired.
+each (no repeats: the cache can only cost there), also paired. Two identical servers started
+side by side differ by up to ~15% in TTFT for as long as they run (measured with
+``--cache-args --no-image-cache``): pairing within a round cannot remove that, new clusters each
+round average it out, and the report shows each round's paired ratio beside the pooled one.
 
 Reported per turn: the median of the server's TTFT (``epd.timings.ttft_s``: orchestration start
 -> first token) with the cache on and off, and on/off; turn k's TTFT over turn 1's (target on the
 tiny checkpoint: <= 0.4x for turns 2+ with the cache on); and for the fresh requests on/off
-(target: no slower, within noise). Greedy tokens must be the same on both clusters for every
+(target: no slower, within noise: the median of the paired on/off ratios; PASS unless the whole
+distribution-free 95% interval of the rounds' ratios lies above 1.00; 6 rounds at least). Greedy tokens must be the same on both clusters for every
 request (exit status 1 otherwise).
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -59,7 +64,8 @@ def conversation(client: httpx.Client, url: str, image: str, turns: int, max_tok
     out = []
     for k in range(turns):
         text, ids, t = ask(client, url, messages, max_tokens)
-        out.append({"ttft_s": t["ttft_s"], "cached_images": t.get("cached_images", 0), "ids": ids})
+        out.append({"ttft_s": t["ttft_s"], "cached_images": t.get("cached_images", 0), "ids": ids,
+                    "timings": t})  # fmt: skip
         messages += [{"role": "assistant", "content": text},
                      {"role": "user", "content": QUESTIONS[(k + 1) % len(QUESTIONS)]}]  # fmt: skip
     return out
@@ -69,7 +75,38 @@ def median_ms(values: list[float]) -> float:
     return 1000 * statistics.median(values) if values else float("nan")
 
 
-def report(rows: dict[str, list[list[dict]]], fresh: dict[str, list[dict]], turns: int) -> str:
+def paired_ratio(on: list[float], off: list[float], level: float = 0.95):
+    """Median of the paired on/off ratios and a distribution-free confidence interval for it.
+
+    The interval is the order statistics ``[r_(k), r_(n-k+1)]`` of the sorted ratios, ``k`` the
+    largest with ``P(Binomial(n, 1/2) < k) <= (1 - level) / 2`` (the sign-test interval: no
+    assumption about how the noise is distributed). None for the bounds when ``n`` is too small.
+    """
+    ratios = sorted(a / b for a, b in zip(on, off, strict=True) if b > 0)
+    n = len(ratios)
+    if not n:
+        return float("nan"), None, None
+    tail, k, below = (1 - level) / 2, 0, 0.0
+    while k < n and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    if k == 0:
+        return statistics.median(ratios), None, None
+    return statistics.median(ratios), ratios[k - 1], ratios[n - k]
+
+
+def verdict(low: float | None, high: float | None) -> str:
+    """Where the paired interval lies against 1.00 (no repeats: the cache must not cost)."""
+    if low is None or high is None:
+        return "no verdict (too few rounds: 6 at least)"
+    if low > 1.0:
+        return "FAIL (slower)"
+    return "PASS (faster)" if high < 1.0 else "PASS (within noise)"
+
+
+def report(
+    rows: dict[str, list[list[dict]]], fresh: dict[str, list[dict]], turns: int, rounds: int = 1
+) -> str:
     lines = ["| turn | TTFT on, median ms | TTFT off, median ms | on / off | on: turn / turn 1 "
              "| cached images (on) | target |", "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     first = median_ms([c[0]["ttft_s"] for c in rows["on"]])
@@ -82,12 +119,26 @@ def report(rows: dict[str, list[list[dict]]], fresh: dict[str, list[dict]], turn
         lines.append(f"| {k + 1} | {on:.1f} | {off:.1f} | {on / off:.2f}x | {ratio:.2f}x "
                      f"| {hits} | {target} |")  # fmt: skip
     if fresh["on"]:
-        on = median_ms([r["ttft_s"] for r in fresh["on"]])
-        off = median_ms([r["ttft_s"] for r in fresh["off"]])
-        lines += ["", "| no repeats | TTFT on, median ms | TTFT off, median ms | on / off |",
-                  "|---|---:|---:|---:|",
-                  f"| {len(fresh['on'])} requests, a new image each | {on:.1f} | {off:.1f} "
-                  f"| {on / off:.2f}x |"]  # fmt: skip
+        on_s, off_s = ([r["ttft_s"] for r in fresh[m]] for m in MODES)
+        per_round, round_rows = [], []
+        for r in range(rounds):  # new clusters each round: how far apart two servers sit
+            on_r, off_r = ([x["ttft_s"] for x in fresh[m] if x.get("round", 0) == r] for m in MODES)
+            ratio, low, high = paired_ratio(on_r, off_r)
+            per_round.append(ratio)
+            ci = f"{low:.2f}-{high:.2f}x" if low is not None else "-"
+            round_rows.append(f"| round {r + 1}: {len(on_r)} requests | {median_ms(on_r):.1f} "
+                              f"| {median_ms(off_r):.1f} | {ratio:.2f}x | {ci} | |")  # fmt: skip
+        # The verdict's interval is over the rounds' ratios: requests of one round share its
+        # two servers, whose own difference no pairing removes (6 rounds at least).
+        _, low, high = paired_ratio(per_round, [1.0] * len(per_round))
+        ci = f"{low:.2f}-{high:.2f}x" if low is not None else "-"
+        lines += ["", "| no repeats | TTFT on, median ms | TTFT off, median ms "
+                  "| on / off, paired median | 95% interval | target |",
+                  "|---|---:|---:|---:|---:|---|",
+                  f"| all: {len(on_s)} requests, a new image each (interval over the {rounds} "
+                  f"rounds) | {median_ms(on_s):.1f} | {median_ms(off_s):.1f} "
+                  f"| {paired_ratio(on_s, off_s)[0]:.2f}x | {ci} | {verdict(low, high)} |",
+                  *round_rows]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -97,66 +148,85 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=Path("out/tiny-model"),
                    help="checkpoint directory (made with epd-make-tiny-model if missing)")  # fmt: skip
     p.add_argument("--engine", default="transformers", help="--engine of both language servers")
-    p.add_argument("--conversations", type=int, default=10, help="conversations per cluster")
+    p.add_argument("--rounds", type=int, default=6,
+                   help="rounds, each with two new clusters (how much two identical servers "
+                   "differ is noise that pairing within one round cannot remove)")  # fmt: skip
+    p.add_argument("--cache-args", default="--image-cache-blocks -1",
+                   help="epd-language flags of the cache-on cluster (the other gets "
+                   "--no-image-cache; '--no-image-cache' here measures two identical clusters)")  # fmt: skip
+    p.add_argument("--conversations", type=int, default=4,
+                   help="conversations per cluster, per round")  # fmt: skip
     p.add_argument("--turns", type=int, default=4, help="turns per conversation (<= 6)")
-    p.add_argument("--fresh", type=int, default=20,
-                   help="single-turn requests with a new image each, per cluster")  # fmt: skip
+    p.add_argument("--fresh", type=int, default=30,
+                   help="single-turn requests with a new image each, per cluster, per round")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=8, help="tokens per answer")
     p.add_argument("--image-size", type=parse_size, default=(448, 448), metavar="HxW")
     p.add_argument("--log-dir", type=Path, default=Path("out/logs/bench-turns"))
     p.add_argument("--json", type=Path, metavar="PATH", help="write every row as JSON")
     a = p.parse_args(argv)
-    if not 1 <= a.turns <= len(QUESTIONS) or a.conversations < 1 or a.fresh < 0:
-        p.error(f"--turns must be 1..{len(QUESTIONS)}, --conversations >= 1, --fresh >= 0")
+    if not 1 <= a.turns <= len(QUESTIONS) or min(a.conversations, a.rounds) < 1 or a.fresh < 0:
+        p.error(
+            f"--turns must be 1..{len(QUESTIONS)}, --conversations and --rounds >= 1, --fresh >= 0"
+        )
     return a
 
 
-def main(argv: list[str] | None = None) -> int:
+def one_round(args, model: Path, r: int, rows: dict, fresh: dict) -> int:
+    """Round ``r``: two new clusters, the conversations, the single-turn requests; mismatches."""
     from epd.cluster import LocalCluster
 
-    args = parse_args(argv)
-    model = ensure_model(args.model)
     h, w = args.image_size
-    extra = {"on": ["--image-cache-blocks", "-1"], "off": []}
+    extra = {"on": args.cache_args.split(), "off": ["--no-image-cache"]}
+    order = MODES if r % 2 == 0 else MODES[::-1]  # which cluster starts first, too
     clusters = {m: LocalCluster(model, n_encoders=1, transport="mooncake",
-                                log_dir=args.log_dir / m, startup_timeout_s=240,
+                                log_dir=args.log_dir / f"round-{r}" / m, startup_timeout_s=240,
                                 language_args=["--engine", args.engine, *extra[m]])
-                for m in MODES}  # fmt: skip
-    rows: dict[str, list] = {m: [] for m in MODES}
-    fresh: dict[str, list] = {m: [] for m in MODES}
-    mismatches = 0
+                for m in order}  # fmt: skip
+    mismatches, base = 0, 1000 * r  # images differ across rounds
     try:
         for c in clusters.values():
             c.start()
         with httpx.Client(timeout=120) as client:
-            warm = image_data_url(h, w, seed=10_000)
+            warm = image_data_url(h, w, seed=10_000_000 + r)
             for c in clusters.values():  # first-request costs (imports, allocations) off the books
                 conversation(client, c.url, warm, 1, args.max_tokens)
-            for i in tqdm(range(args.conversations), desc="conversations", file=sys.stderr):
-                image = image_data_url(h, w, seed=i)
-                order = MODES if i % 2 == 0 else MODES[::-1]
+            for i in tqdm(range(args.conversations), desc=f"round {r + 1}: conversations",
+                          file=sys.stderr):  # fmt: skip
+                image = image_data_url(h, w, seed=base + i)
+                turn = MODES if i % 2 == 0 else MODES[::-1]
                 got = {m: conversation(client, clusters[m].url, image, args.turns,
-                                       args.max_tokens) for m in order}  # fmt: skip
+                                       args.max_tokens) for m in turn}  # fmt: skip
                 mismatches += sum(
                     a["ids"] != b["ids"] for a, b in zip(got["on"], got["off"], strict=True)
                 )
                 for m in MODES:
                     rows[m].append(got[m])
-            for i in tqdm(range(args.fresh), desc="no repeats", file=sys.stderr):
-                image = image_data_url(h, w, seed=20_000 + i)
-                order = MODES if i % 2 == 0 else MODES[::-1]
+            for i in tqdm(range(args.fresh), desc=f"round {r + 1}: no repeats", file=sys.stderr):
+                image = image_data_url(h, w, seed=5_000_000 + base + i)
+                turn = MODES if i % 2 == 0 else MODES[::-1]
                 got1 = {m: conversation(client, clusters[m].url, image, 1, args.max_tokens)[0]
-                        for m in order}  # fmt: skip
+                        for m in turn}  # fmt: skip
                 mismatches += got1["on"]["ids"] != got1["off"]["ids"]
                 for m in MODES:
-                    fresh[m].append(got1[m])
+                    fresh[m].append({**got1[m], "round": r})
     finally:
         for c in clusters.values():
             c.stop()
-    print(f"epd-bench-turns: {args.conversations} conversations x {args.turns} turns, "
-          f"{args.fresh} requests without repeats, image {h}x{w}, engine {args.engine}, "
-          f"max_tokens {args.max_tokens}; the two clusters take turns per conversation\n")  # fmt: skip
-    print(report(rows, fresh, args.turns))
+    return mismatches
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model = ensure_model(args.model)
+    h, w = args.image_size
+    rows: dict[str, list] = {m: [] for m in MODES}
+    fresh: dict[str, list] = {m: [] for m in MODES}
+    mismatches = sum(one_round(args, model, r, rows, fresh) for r in range(args.rounds))
+    print(f"epd-bench-turns: {args.rounds} round(s) of {args.conversations} conversations x "
+          f"{args.turns} turns and {args.fresh} requests without repeats, image {h}x{w}, engine "
+          f"{args.engine}, max_tokens {args.max_tokens}, cache on = {args.cache_args!r}; new "
+          f"clusters each round, the two take turns per conversation and per request\n")  # fmt: skip
+    print(report(rows, fresh, args.turns, args.rounds))
     print(f"\ngreedy tokens: {'the same' if not mismatches else f'{mismatches} DIFFER'} on both")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
