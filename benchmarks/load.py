@@ -152,7 +152,7 @@ async def _settled(http: httpx.AsyncClient, url: str, timeout_s: float = 30.0) -
     while True:
         health = (await http.get(url + "/health")).json()
         pool = health["pool"]
-        if pool["free_blocks"] == pool["total_blocks"] or time.monotonic() > end:
+        if pool["available_blocks"] == pool["total_blocks"] or time.monotonic() > end:
             return health
         await asyncio.sleep(0.2)
 
@@ -171,7 +171,7 @@ def _summary(outcomes, sent, clients, peak, health) -> dict:
         "p50_ms": round(pct(0.50), 1), "p99_ms": round(pct(0.99), 1),
         "mean_ms": round(statistics.mean(latencies) * 1e3, 1) if latencies else 0.0,
         "peak_blocks_used": peak, "total_blocks": pool["total_blocks"],
-        "free_blocks_after": pool["free_blocks"], "all_blocks_free": pool["free_blocks"] == pool["total_blocks"],
+        "available_blocks_after": pool["available_blocks"], "all_blocks_free": pool["available_blocks"] == pool["total_blocks"],
     }  # fmt: skip
 
 

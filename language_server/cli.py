@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
                    "image is encoded and sent again); see README's trust model")  # fmt: skip
     p.add_argument("--image-cache-blocks", type=int, default=d["image_cache_blocks"].default,
                    help="most pool blocks the rows of recent images may stay resident in "
-                   "(-1: the whole pool; idle residents are evicted whenever a request needs "
-                   "room); default 0: off for now (issue 18)")  # fmt: skip
+                   "(default -1: the whole pool; idle residents are evicted whenever a request "
+                   "needs room; 0: off, as --no-image-cache)")  # fmt: skip
     p.add_argument("--alloc-wait", type=float, default=d["alloc_wait_s"].default,
                    help="seconds a request may wait for free blocks before 503")  # fmt: skip
     p.add_argument("--dead-writer-wait", type=float, default=d["dead_writer_s"].default,

@@ -35,7 +35,7 @@ class LanguageConfig:
     block_tokens: int = 64
     max_waiting_allocs: int = 64  # requests queued for blocks when the pool is full
     image_cache: bool = True  # rows of recent images stay resident in the pool (issue 18)
-    image_cache_blocks: int = 0  # most blocks resident images may hold (0: off, -1: the pool)
+    image_cache_blocks: int = -1  # most blocks resident images may hold (-1: the pool, 0: off)
     alloc_wait_s: float = 10.0  # how long a request may wait for blocks before 503
     dead_writer_s: float = -1.0  # blocks lent to an encoder declared dead come back this long
     # after (-1: the transport's own write timeout; transfer/base.py, rule 2c)

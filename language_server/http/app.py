@@ -72,12 +72,15 @@ def create_app(service: ChatService, metrics: Metrics, lifespan: Any = None) -> 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         buffers, receiver = service.receiver.buffers, service.receiver
+        idle = receiver.cache.idle_blocks if receiver.cache is not None else 0
         links = [link.describe() for link in service.encoders.links]
         return {
             "status": "ok",
             "model": name,
             "pool": {
                 "free_blocks": buffers.num_free,
+                # free + resident images nobody reads (taken back the moment a request needs room)
+                "available_blocks": buffers.num_free + idle,
                 "total_blocks": buffers.num_blocks,
                 "block_tokens": buffers.block_tokens,
                 "peak_used_blocks": receiver.peak_used,

@@ -102,7 +102,7 @@ def test_servers_end_to_end_on_device(tiny_model_dir, device, make_image, tmp_pa
             assert reply["usage"]["completion_tokens"] == 8
             times.append(reply["epd"]["timings"])
         pool = cluster.health()["pool"]
-        assert pool["free_blocks"] == pool["total_blocks"], pool
+        assert pool["available_blocks"] == pool["total_blocks"], pool
     ttft = statistics.median(t["ttft_s"] for t in times) * 1e3
     print(f"[gpu] e2e --device {device}: 4 requests with images, 2 encoders, all 200; median "
           f"ttft {ttft:.1f} ms; every block free after")  # fmt: skip

@@ -295,7 +295,7 @@ def test_compose_up_in_docker(variant, dockerd, image):
         assert reply["usage"]["completion_tokens"] == N_TOKENS
         assert reply["choices"][0]["finish_reason"] == "length"
         pool = _wait("every block free", lambda: (p := _health(url).get("pool"))
-                     and p["free_blocks"] == total and p, 30)  # fmt: skip
+                     and p["available_blocks"] == total and p, 30)  # fmt: skip
         assert pool["peak_used_blocks"] >= 1, pool  # the image went through the receive pool
 
         status, metrics = _http(url + "/metrics")
@@ -315,7 +315,7 @@ def test_compose_up_in_docker(variant, dockerd, image):
         health = _wait("encode-0 seen down", lambda: (h := _health(url))
                        and _states(h) == {"encode-0": "down", "encode-1": "up"} and h, 30)  # fmt: skip
         pool = _wait("every block free", lambda: (p := _health(url).get("pool"))
-                     and p["free_blocks"] == total and p, 60)  # fmt: skip
+                     and p["available_blocks"] == total and p, 60)  # fmt: skip
         times["checks"] = time.monotonic() - t0 - times["ready"]
     finally:
         logs = dockerd.compose(project, files, env, "logs", "--no-color", "--tail", "60",

@@ -91,7 +91,7 @@ def test_sixteen_concurrent_requests_use_both_encoders_and_free_every_block(clus
     assert sum(served.values()) == 16
     assert all(n > 0 for n in served.values()), served
     pool_state = health["pool"]
-    assert pool_state["free_blocks"] == pool_state["total_blocks"]
+    assert pool_state["available_blocks"] == pool_state["total_blocks"]
     assert pool_state["pending_requests"] == 0 and pool_state["waiting_requests"] == 0
 
 
@@ -150,7 +150,7 @@ def test_bad_input_gets_400_with_a_reason(cluster, content, message):
     status, reply = cluster.chat(_body(content))
     assert status == 400, reply
     assert message in reply["error"]["message"]
-    assert cluster.health()["pool"]["free_blocks"] == cluster.health()["pool"]["total_blocks"]
+    assert cluster.health()["pool"]["available_blocks"] == cluster.health()["pool"]["total_blocks"]
 
 
 def test_too_many_images_and_bad_params(cluster, make_image):
@@ -180,7 +180,7 @@ def test_shm_transport_end_to_end(tiny_model_dir, monolithic, encoder, make_imag
                       language_args=["--block-tokens", "16"]) as c:  # fmt: skip
         status, reply = c.chat(_body(ours))
         assert status == 200, reply
-        assert c.health()["pool"]["free_blocks"] == c.health()["pool"]["total_blocks"]
+        assert c.health()["pool"]["available_blocks"] == c.health()["pool"]["total_blocks"]
     expected = _monolithic_tokens(monolithic, theirs)
     assert reply["epd"]["token_ids"] == expected
 
@@ -214,7 +214,7 @@ def test_three_images_are_spread_over_both_encoders_and_equal_monolithic(
     health = cluster.health()
     served = {e["id"]: e["served"] - before[e["id"]] for e in health["encoders"]}
     assert sum(served.values()) == 3 and all(n >= 1 for n in served.values()), served
-    assert health["pool"]["free_blocks"] == health["pool"]["total_blocks"]
+    assert health["pool"]["available_blocks"] == health["pool"]["total_blocks"]
 
 
 def test_text_only_and_image_prompts_share_one_template(cluster, make_image):

@@ -102,7 +102,7 @@ def test_http_rejects_bad_image_and_overlong_prompts(live, make_image):
     status, body = cluster.chat(bad)
     assert status == 400 and "decode" in body["error"]["message"]
     pool = cluster.health()["pool"]
-    assert pool["free_blocks"] == pool["total_blocks"]
+    assert pool["available_blocks"] == pool["total_blocks"]
 
 
 def test_curve_admits_only_authorized_peers(tiny_model_dir, make_image, tmp_path):

@@ -79,7 +79,7 @@ def _still_serving(live) -> None:
     while True:
         health = live.cluster.health()
         pool = health["pool"]
-        if pool["free_blocks"] == pool["total_blocks"] and pool["pending_requests"] == 0:
+        if pool["available_blocks"] == pool["total_blocks"] and pool["pending_requests"] == 0:
             break
         assert time.monotonic() < deadline, pool
         time.sleep(0.05)

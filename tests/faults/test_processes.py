@@ -19,7 +19,7 @@ def _all_free(cluster, timeout=5.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         pool = cluster.health()["pool"]
-        if pool["free_blocks"] == pool["total_blocks"] or time.monotonic() > deadline:
+        if pool["available_blocks"] == pool["total_blocks"] or time.monotonic() > deadline:
             return pool
         time.sleep(0.1)
 
@@ -41,7 +41,7 @@ def test_encoder_killed_mid_request_moves_it_then_rejoins(tiny_model_dir, make_i
         health = c.health()
         assert health["requests"]["redispatched"] >= 1
         assert {e["id"]: e["state"] for e in health["encoders"]}["encoder-0"] == "down"
-        assert _all_free(c)["free_blocks"] == health["pool"]["total_blocks"]
+        assert _all_free(c)["available_blocks"] == health["pool"]["total_blocks"]
         # A restarted encoder (new Mooncake session, same address) rejoins and serves.
         c.start_encoder(0)
         c.wait_ready()
@@ -57,7 +57,7 @@ def test_encoder_killed_mid_request_moves_it_then_rejoins(tiny_model_dir, make_i
         assert status == 503 and "no encode server" in body["error"]["message"]
         status, _ = c.chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert status == 200
-        assert _all_free(c)["free_blocks"] == c.health()["pool"]["total_blocks"]
+        assert _all_free(c)["available_blocks"] == c.health()["pool"]["total_blocks"]
 
 
 def _rss_kib(pid: int) -> int:
@@ -115,7 +115,7 @@ def test_overload_queues_then_503_and_too_large_gets_413(tiny_model_dir, make_im
         status, reply = c.chat(image_body(make_image, 320, 320))  # 100 tokens > 64
         assert status == 413 and "need 7 blocks" in reply["error"]["message"]
         assert time.monotonic() - t0 < 5
-        assert _all_free(c)["free_blocks"] == 4
+        assert _all_free(c)["available_blocks"] == 4
         status, _ = c.chat(body)
         assert status == 200
 
@@ -144,4 +144,4 @@ def test_encoder_restarted_within_the_liveness_window_loses_no_request(
         encoder = health["encoders"][0]
         assert encoder["state"] == "up" and encoder["incarnation"] != incarnation
         assert health["requests"]["redispatched"] >= 1
-        assert _all_free(c)["free_blocks"] == health["pool"]["total_blocks"]
+        assert _all_free(c)["available_blocks"] == health["pool"]["total_blocks"]

@@ -41,14 +41,14 @@ def test_silent_encoder_gives_504_and_blocks_stay_lent_until_it_stops(
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
         pool = lang.health()["pool"]
-        assert pool["quarantined_blocks"] == 2 and pool["free_blocks"] == 6
+        assert pool["quarantined_blocks"] == 2 and pool["available_blocks"] == 6
         time.sleep(0.1)
     # A failure report that says the write may still run keeps them lent, too.
     scripted.send(scripted.failed(job, "transfer", write_stopped=False))
     time.sleep(0.3)
-    assert lang.health()["pool"]["free_blocks"] == 6
+    assert lang.health()["pool"]["available_blocks"] == 6
     scripted.send(scripted.failed(job, "aborted"))  # the write has stopped
-    assert _until(lambda: lang.health()["pool"]["free_blocks"] == 8)
+    assert _until(lambda: lang.health()["pool"]["available_blocks"] == 8)
     assert lang.health()["pool"]["pending_requests"] == 0
 
 
@@ -77,7 +77,7 @@ def test_late_write_after_abort_lands_in_nobodys_rows(scripted, language_for, ma
     assert status == 200 and body["usage"]["completion_tokens"] == 3
     # A's late done says its write ended: A's blocks come back.
     scripted.send(scripted.done(job_a, checksum_a))
-    assert _until(lambda: lang.health()["pool"]["free_blocks"] == 4)
+    assert _until(lambda: lang.health()["pool"]["available_blocks"] == 4)
 
 
 def test_checksum_mismatch_and_forged_sizes_fail_cleanly(scripted, language_for, make_image):
@@ -100,7 +100,7 @@ def test_checksum_mismatch_and_forged_sizes_fail_cleanly(scripted, language_for,
     status, body = third.result(10)
     assert status == 400 and "grid" in body["error"]["message"]
     pool = lang.health()["pool"]
-    assert pool["free_blocks"] == pool["total_blocks"]
+    assert pool["available_blocks"] == pool["total_blocks"]
 
 
 def test_a_dead_writers_blocks_come_back_after_the_transport_timeout(
@@ -115,5 +115,5 @@ def test_a_dead_writers_blocks_come_back_after_the_transport_timeout(
     status, body = reply.result(10)
     assert status == 503 and "went silent" in body["error"]["message"]
     assert _until(
-        lambda: lang.health()["pool"]["free_blocks"] == lang.health()["pool"]["total_blocks"]
+        lambda: lang.health()["pool"]["available_blocks"] == lang.health()["pool"]["total_blocks"]
     )

@@ -227,7 +227,7 @@ def wait_all_free(nodes: Nodes, timeout: float) -> dict:
         status, health = http(nodes.url + "/health", timeout=5)
         pool = health.get("pool", {})
         busy = pool.get("pending_requests", 1) or pool.get("waiting_requests", 1)
-        if status == 200 and pool["free_blocks"] == pool["total_blocks"] and not busy:
+        if status == 200 and pool["available_blocks"] == pool["total_blocks"] and not busy:
             return pool
         assert time.monotonic() < deadline, health
         time.sleep(0.5)

@@ -95,7 +95,7 @@ def test_the_pool_lives_in_the_scheduler_and_each_visual_row_is_copied_once(clus
         assert n_visual > 16 * len(spec) - 16  # spans blocks
         assert after["rows_copied"] - before["rows_copied"] == n_visual
         assert after["verified"] - before["verified"] == len(spec)
-        assert after["free_blocks"] == after["total_blocks"]
+        assert after["available_blocks"] == after["total_blocks"]
 
 
 def test_concurrent_requests_decode_in_one_batch_on_a_scheduler_with_our_torch_threads(
@@ -135,7 +135,7 @@ def test_concurrent_requests_decode_in_one_batch_on_a_scheduler_with_our_torch_t
     assert rows == n * (tokens - 1), (rows, steps)  # the first token of each comes from prefill
     assert rows / steps >= 2.5, f"mean decode batch {rows / steps:.2f} over {steps} steps"
     assert all(r["epd"]["token_ids"] == alone["epd"]["token_ids"] for r in replies)
-    assert after["free_blocks"] == after["total_blocks"]
+    assert after["available_blocks"] == after["total_blocks"]
 
 
 def test_a_client_that_leaves_mid_generation_gives_every_block_back(cluster, make_image):
@@ -153,7 +153,7 @@ def test_a_client_that_leaves_mid_generation_gives_every_block_back(cluster, mak
     assert s.recv(4096).startswith(b"HTTP/1.1 200")
     s.close()
     deadline = time.monotonic() + 30
-    while (pool := cluster.health()["pool"])["free_blocks"] != pool["total_blocks"]:
+    while (pool := cluster.health()["pool"])["available_blocks"] != pool["total_blocks"]:
         assert time.monotonic() < deadline, pool
         time.sleep(0.05)
     status, reply = cluster.chat({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
@@ -178,7 +178,7 @@ def test_tensor_parallel_2_on_cpu_rank_0_holds_the_pool_and_broadcasts_the_rows(
             assert reply["epd"]["token_ids"] == _monolithic_tokens(monolithic, theirs), name
             total += reply["epd"]["timings"]["visual_tokens"]
         pool = c.health()["pool"]
-        assert pool["rows_copied"] == total and pool["free_blocks"] == pool["total_blocks"]
+        assert pool["rows_copied"] == total and pool["available_blocks"] == pool["total_blocks"]
         log = (tmp_path / "language.log").read_text(errors="replace")
         assert log.count("receive pool in the scheduler process") == 1  # rank 0 only
 
