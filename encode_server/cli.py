@@ -50,6 +50,14 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads (default: torch's choice, one per core); "
                    "set 1 when several servers share a small host")  # fmt: skip
+    p.add_argument("--image-cache-mb", type=int, default=d["image_cache_mb"].default,
+                   help="MiB of recent ViT outputs kept on the encoder's device, by image bytes: "
+                   "a repeated image skips decode and ViT (default %(default)s; 0: off)")  # fmt: skip
+    p.add_argument(
+        "--no-image-cache",
+        action="store_true",
+        help="keep no ViT outputs: every image is decoded and encoded again",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
     try:
@@ -60,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
             dtype=a.dtype, max_batch_images=a.max_batch_images, max_batch_tokens=a.max_batch_tokens,
             max_queue=a.max_queue, staging_tokens=a.staging_tokens, transfer_timeout_s=a.transfer_timeout,
             peer_timeout_s=a.peer_timeout, curve_keys=a.curve_keys, curve_clients=a.curve_clients,
-            torch_threads=a.torch_threads,
-            log_level=a.log_level,
+            torch_threads=a.torch_threads, image_cache=not a.no_image_cache,
+            image_cache_mb=a.image_cache_mb, log_level=a.log_level,
         )  # fmt: skip
     except ValueError as exc:
         p.error(str(exc))
@@ -93,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.close()
         sender.close()
-        logging.getLogger("epd.encode").info("encode server stopped: %s", server.stats)
+        stats = {**server.stats, **(server.cache.stats() if server.cache is not None else {})}
+        logging.getLogger("epd.encode").info("encode server stopped: %s", stats)
     return 0
 
 

@@ -30,6 +30,8 @@ class EncodeConfig:
     curve_keys: Path | None = None  # this encoder's secret certificate (CURVE on when set)
     curve_clients: Path | None = None  # directory of authorized language-server public keys
     torch_threads: int = 0  # 0: torch's default
+    image_cache: bool = True  # recent ViT outputs by image bytes (issue 18)
+    image_cache_mb: int = 1024  # their bound, MiB of rows on the encoder's device
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -43,6 +45,8 @@ class EncodeConfig:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
         if self.staging_tokens < 0:
             raise ValueError("--staging-tokens must be >= 0")
+        if self.image_cache_mb < 0:
+            raise ValueError("--image-cache-mb must be >= 0")
         if min(self.max_batch_images, self.max_batch_tokens, self.max_queue) < 1:
             raise ValueError("--max-batch-images and --max-batch-tokens must be >= 1")
         if min(self.transfer_timeout_s, self.peer_timeout_s) <= 0:

@@ -37,6 +37,8 @@ class Job:
     deadline: float = 0.0
     stop_stage: str = ""  # the stage to report once a DRAINING write has stopped
     stop_reason: str = ""
+    cache_key: bytes = b""  # SHA-256 of the image's bytes (encode_server/cache.py)
+    cached: Any = None  # the cache's CachedRows when this image's rows were there
     marks: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -72,7 +74,8 @@ class Job:
             preprocess_s=self.span("preprocess_start", "preprocessed"),
             vision_s=self.span("vision_start", "vision_end"),
             transfer_s=self.span("transfer_start", "transfer_end"),
+            vision_cached=self.cached is not None,
         )
 
     def drop_tensors(self) -> None:
-        self.image = self.embeds = self.deepstack = self.ready = None
+        self.image = self.embeds = self.deepstack = self.ready = self.cached = None

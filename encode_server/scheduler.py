@@ -5,6 +5,10 @@ QUEUED -> (preprocess: decode, resize, patches; its grid must equal the one the 
 computed) -> AWAIT_VISION -> (one ViT forward over a batch of jobs, split into embeds and
 deepstack) -> AWAIT_READY, from which ``transfers`` starts the write once the split's kernels
 have completed. Preprocessing runs in bounded slices so the loop keeps answering messages.
+
+With the image cache (``cache.RowCache``), preprocessing starts with a lookup by the image's
+bytes: a hit skips the decode and the ViT; its rows are copied from the cache into the job's
+staging span in the batch step, and a miss's rows are kept in the cache after the forward.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from encode_server.cache import RowCache
 from encode_server.jobs import Job, Stage
 from encode_server.staging import Span, StagingArena
 from encode_server.vision import VisionEncoder
@@ -26,8 +31,9 @@ Fail = Callable[[Job, str, str], None]  # (job, stage, reason): report and forge
 
 class JobScheduler:
     def __init__(self, encoder: VisionEncoder, dtype: str, arena: StagingArena,
-                 max_batch_images: int, max_batch_tokens: int, fail: Fail) -> None:  # fmt: skip
-        self.encoder, self.dtype, self.arena = encoder, dtype, arena
+                 max_batch_images: int, max_batch_tokens: int, fail: Fail,
+                 cache: RowCache | None = None) -> None:  # fmt: skip
+        self.encoder, self.dtype, self.arena, self.cache = encoder, dtype, arena, cache
         self.max_batch_images, self.max_batch_tokens = max_batch_images, max_batch_tokens
         self.fail = fail
         self.cuda = encoder.device.type == "cuda"
@@ -52,44 +58,78 @@ class JobScheduler:
 
     def _preprocess(self, job: Job) -> None:
         job.mark("preprocess_start")
+        expected = (tuple(job.msg.grid), job.msg.n_tokens)
+        if self.cache is not None:
+            job.cache_key = RowCache.key(job.msg.data)
+            entry = self.cache.get(job.cache_key)
+            if entry is not None:
+                if (entry.grid, entry.n_tokens) != expected:
+                    self._wrong_grid(job, entry.grid, entry.n_tokens)
+                    return
+                job.mark("preprocessed")
+                job.cached, job.stage = entry, Stage.AWAIT_VISION
+                return
         try:
             image = self.encoder.preprocess_image(job.msg.data)
         except ValueError as exc:
             self.fail(job, "preprocess", str(exc))
             return
-        expected = (tuple(job.msg.grid), job.msg.n_tokens)
         if (tuple(image.grid), image.n_tokens) != expected:
-            self.fail(job, "preprocess", f"image preprocesses to grid {list(image.grid)} "
-                      f"({image.n_tokens} tokens), the job expects {job.msg.grid} "
-                      f"({job.msg.n_tokens} tokens)")  # fmt: skip
+            self._wrong_grid(job, image.grid, image.n_tokens)
             return
         job.mark("preprocessed")
         job.image, job.stage = image, Stage.AWAIT_VISION
 
+    def _wrong_grid(self, job: Job, grid: tuple[int, ...], n_tokens: int) -> None:
+        self.fail(job, "preprocess", f"image preprocesses to grid {list(grid)} ({n_tokens} "
+                  f"tokens), the job expects {job.msg.grid} ({job.msg.n_tokens} tokens)")  # fmt: skip
+
     def encode_batch(self, jobs: list[Job]) -> None:
         """One ViT forward over the next batch of preprocessed jobs, rows split straight into
-        the staging arena."""
+        the staging arena; jobs whose rows are cached get them copied there instead."""
         batch, spans = self._next_batch(jobs)
         if not batch:
             return
+        pairs = list(zip(batch, spans, strict=True))
+        fresh = [(j, s) for j, s in pairs if j.cached is None]
         t0 = time.perf_counter()
         try:
             outputs = self.encoder.run_vision(
-                [j.image for j in batch if j.image is not None],
-                out=[(s.embeds, s.deepstack) if s is not None else None for s in spans],
+                [j.image for j, _ in fresh],  # type: ignore[misc]
+                out=[(s.embeds, s.deepstack) if s is not None else None for _, s in fresh],
             )
         except Exception as exc:  # noqa: BLE001 - a ViT failure fails its batch, not the server
-            log.exception("vision forward failed for %d jobs", len(batch))
-            for job, span in zip(batch, spans, strict=True):
+            log.exception("vision forward failed for %d jobs", len(fresh))
+            for job, span in fresh:
                 job.staging = span  # given back when the job is finished
                 self.fail(job, "vision", f"{type(exc).__name__}: {exc}")
-            return
-        ready = _event() if self.cuda else None
+            outputs, fresh = [], []
         t1 = time.perf_counter()
-        for job, span, (embeds, deepstack) in zip(batch, spans, outputs, strict=True):
+        for (job, span), (embeds, deepstack) in zip(fresh, outputs, strict=True):
+            if self.cache is not None and job.image is not None:
+                self.cache.put(job.cache_key, job.image.grid, embeds, deepstack)
             job.marks.update(vision_start=t0, vision_end=t1)
-            job.embeds, job.deepstack, job.ready, job.staging = embeds, deepstack, ready, span
-            job.image, job.stage = None, Stage.AWAIT_READY
+            self._rows(job, span, embeds, deepstack)
+        for job, span in pairs:
+            if job.cached is not None:
+                hit = job.cached
+                if span is not None:  # the write reads registered memory: the arena
+                    span.embeds.copy_(hit.embeds)
+                    span.deepstack.copy_(hit.deepstack)
+                    embeds, deepstack = span.embeds, span.deepstack
+                else:  # larger than the arena: fresh memory, registered for this write alone
+                    embeds, deepstack = hit.embeds.clone(), hit.deepstack.clone()
+                job.marks.update(vision_start=t1, vision_end=t1)  # no ViT
+                self._rows(job, span, embeds, deepstack)
+        ready = _event() if self.cuda else None
+        for job, _ in pairs:
+            if job.stage is Stage.AWAIT_READY:
+                job.ready = ready
+
+    @staticmethod
+    def _rows(job: Job, span: Span | None, embeds: torch.Tensor, deepstack: torch.Tensor) -> None:
+        job.embeds, job.deepstack, job.staging = embeds, deepstack, span
+        job.image, job.stage = None, Stage.AWAIT_READY
 
     def _next_batch(self, jobs: list[Job]) -> tuple[list[Job], list[Span | None]]:
         """The oldest preprocessed jobs that fit one forward, each with its staging span (None:

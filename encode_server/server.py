@@ -19,6 +19,7 @@ import time
 import zmq
 
 import protocol as P
+from encode_server.cache import RowCache
 from encode_server.config import EncodeConfig
 from encode_server.front import SILENT, Front
 from encode_server.jobs import Job, Stage
@@ -47,8 +48,10 @@ class EncodeServer:
         self.jobs: dict[str, Job] = {}
         self.arena = StagingArena(config.staging_tokens or 2 * config.max_batch_tokens,
                                   encoder.hidden, encoder.dtype, encoder.device, sender)  # fmt: skip
+        on = config.image_cache and config.image_cache_mb > 0
+        self.cache = RowCache(config.image_cache_mb << 20) if on else None
         self.scheduler = JobScheduler(encoder, config.dtype, self.arena, config.max_batch_images,
-                                      config.max_batch_tokens, self._fail)  # fmt: skip
+                                      config.max_batch_tokens, self._fail, self.cache)  # fmt: skip
         self.transfers = Transfers(sender, config.transfer_timeout_s, self._report, self._finish)
         self.stats = {"jobs": 0, "rejected_messages": 0}
         self.front.start()
@@ -56,8 +59,9 @@ class EncodeServer:
     # --- loop -------------------------------------------------------------------------------
 
     def serve_forever(self, stop: threading.Event) -> None:
-        log.info("encode server %s listening on %s (incarnation %x)", self.config.name,
-                 self.config.bind_address, self.incarnation)  # fmt: skip
+        cache = f"{self.cache.max_bytes >> 20} MiB" if self.cache is not None else "off"
+        log.info("encode server %s listening on %s (incarnation %x, image cache %s)",
+                 self.config.name, self.config.bind_address, self.incarnation, cache)  # fmt: skip
         while not stop.is_set():
             self.step()
 

@@ -150,6 +150,7 @@ class EncodeTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     preprocess_s: Seconds = 0.0  # image decode, resize, patches
     vision_s: Seconds = 0.0  # the ViT forward of the batch this job was in
     transfer_s: Seconds = 0.0  # submit -> transport reports DONE
+    vision_cached: bool = False  # the rows came from the encoder's cache: no decode, no ViT
 
 
 class TransferDone(Message, frozen=True, kw_only=True, tag="done"):

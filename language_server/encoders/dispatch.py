@@ -3,7 +3,9 @@ encoders do.
 
 ``Dispatcher.encode`` turns a prepared prompt into one lease per image, has the receiver lend
 them blocks (all at once; a full pool queues, bounded), and sends each image's ``EncodeJob`` to
-the least-loaded live encoder, so the images of one request run on several encoders at once.
+the least-loaded live encoder, so the images of one request run on several encoders at once,
+unless an encoder that encoded the same image before (whose cache may still hold its rows) is
+about as free.
 When an encoder is declared dead its jobs move to another live encoder with fresh blocks (the
 old ones stay lent until the transport's timeout); when it restarts (new incarnation) its jobs
 are re-sent at once. A housekeeping task ticks the receiver.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -23,6 +26,7 @@ from language_server.pool.receiver import Receiver
 
 log = logging.getLogger("epd.language.dispatch")
 T = TypeVar("T")
+HOLDERS = 16384  # content keys remembered with the encoder that last produced their rows
 
 
 class Dispatcher:
@@ -32,6 +36,9 @@ class Dispatcher:
         self.timeout_s, self.max_attempts = timeout_s, max_attempts
         self.redispatched = 0
         receiver.on_lent = self.send_jobs
+        receiver.on_rows = self._remember
+        # content key -> (encoder link, its incarnation then): a restarted encoder holds nothing
+        self.holders: OrderedDict[bytes, tuple[EncoderLink, int]] = OrderedDict()
         encoders.on_down = self.on_encoder_down
         encoders.on_restart = self.on_encoder_restart
         self._task: asyncio.Task[None] | None = None
@@ -103,12 +110,26 @@ class Dispatcher:
     def _send(self, lease: Lease) -> bool:
         spec = lease.request.prompt.images[lease.image]
         job = self.receiver.job(lease, spec.data, list(spec.grid))
-        while (link := self.encoders.pick()) is not None:
+        while (link := self.encoders.pick(self._holder(lease.content_key))) is not None:
             if link.send(job):
                 self.receiver.sent(lease, link)
                 return True
             self.encoders.mark_down(link, "a send failed")  # not connected: try the next one
         return False
+
+    def _remember(self, lease: Lease) -> None:
+        """``lease.link`` produced this image's rows: its cache may hold them now."""
+        if lease.content_key and lease.link is not None:
+            self.holders[lease.content_key] = (lease.link, lease.incarnation)
+            self.holders.move_to_end(lease.content_key)
+            while len(self.holders) > HOLDERS:
+                self.holders.popitem(last=False)
+
+    def _holder(self, key: bytes) -> EncoderLink | None:
+        held = self.holders.get(key) if key else None
+        if held is None or held[0].incarnation != held[1]:
+            return None  # unknown, or that process is gone (and its cache with it)
+        return held[0]
 
     def on_encoder_down(self, link: EncoderLink) -> None:
         """Move every job of a dead encoder elsewhere with fresh blocks, or fail its request."""

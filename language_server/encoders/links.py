@@ -44,6 +44,7 @@ class EncoderLink:
     last_seen: float = 0.0
     rejected: int = 0
     served: int = 0  # requests whose rows arrived from it
+    cache_hits: int = 0  # of those, images it served from its own cache (no ViT)
 
     def send(self, msg: P.Message, quiet: bool = False) -> bool:
         """Send one message without blocking; False when the encoder is not connected."""
@@ -67,12 +68,17 @@ class EncoderLink:
             "load": self.load,
             "incarnation": f"{self.incarnation:x}",
             "served": self.served,
+            "cache_hits": self.cache_hits,
             "last_seen_s": None if seen is None else round(seen, 3),
             "rejected_messages": self.rejected,
         }
 
 
 OnMessage = Callable[[EncoderLink, P.Message], None]
+
+
+def _load(link: EncoderLink) -> int:
+    return len(link.inflight) + link.others
 
 
 class EncoderPool:
@@ -126,17 +132,21 @@ class EncoderPool:
         for ctx in self._contexts:
             ctx.term()
 
-    def pick(self) -> EncoderLink | None:
+    def pick(self, prefer: EncoderLink | None = None) -> EncoderLink | None:
         """The live encoder with the least work (None when none is up): our own jobs there, as
         of now, plus the jobs other language servers had there at its last heartbeat (its
         reported load less ours then; a stale total would keep counting our finished jobs);
-        ties go round-robin."""
+        ties go round-robin. ``prefer`` (the encoder that last encoded the image: its cache
+        may hold the rows) wins while it is up and has at most one job more than that."""
         up = [link for link in self.links if link.state is LinkState.UP]
         if not up:
             return None
         self._turn += 1
         n = len(up)
-        return min(up, key=lambda x: (len(x.inflight) + x.others, (up.index(x) - self._turn) % n))
+        best = min(up, key=lambda x: (_load(x), (up.index(x) - self._turn) % n))
+        if prefer is not None and prefer.state is LinkState.UP and _load(prefer) <= _load(best) + 1:
+            return prefer
+        return best
 
     def mark_down(self, link: EncoderLink, why: str) -> None:
         """Stop sending ``link`` new jobs and move its jobs elsewhere (``on_down``)."""

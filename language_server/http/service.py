@@ -119,6 +119,7 @@ class ChatService:
         per_token = self.receiver.buffers.bytes_per_token
         req.timings["transfer_bytes"] = (n_vis - prompt.cached_tokens) * per_token
         req.timings["cached_images"] = prompt.cached_images  # served from resident rows
+        req.timings["encoder_cached_images"] = prompt.encoder_cached_images  # sent, no ViT
         req.timings["images"] = len(req.prompt.images)
         req.timings["cache_saved_bytes"] = prompt.cached_tokens * per_token
         lent = req.marks.get("lent", req.marks["start"])
@@ -141,6 +142,11 @@ class ChatService:
                 elif kind == "end":
                     finished = True
                     req.timings["finish_reason"] = value
+                    reused = run.job.marks.get(
+                        "prefix_cached_tokens"
+                    )  # engines with a prefix cache
+                    if reused is not None:
+                        req.timings["prefix_cached_tokens"] = int(reused)
                     return
                 else:
                     finished = True

@@ -9,6 +9,7 @@ its stage maps to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import protocol as P
@@ -24,6 +25,7 @@ class Arrivals(Lifetimes):
 
     host: Any  # a PoolHostLink when the memory is elsewhere
     dropped_messages: int
+    on_rows: Callable[[Lease], None]
 
     def on_message(self, link: Any, msg: P.Message) -> None:
         if isinstance(msg, P.TransferDone):
@@ -79,6 +81,9 @@ class Arrivals(Lifetimes):
             return
         lease.state = LeaseState.VERIFIED
         lease.link.served += 1
+        if lease.timings is not None and lease.timings.vision_cached:
+            lease.link.cache_hits += 1
+        self.on_rows(lease)
         if all(x.state in (LeaseState.VERIFIED, LeaseState.CACHED) for x in lease.request.leases):
             self._complete(lease.request)
 

@@ -44,6 +44,10 @@ class ReceivedPrompt:
     release: Callable[[], None] | None = None
     cached_images: int = 0  # images whose rows were resident: no encode, no transfer
     cached_tokens: int = 0
+    # Each image's content key in prompt order, when rows may be shared across requests (the
+    # image cache is on): the SGLang engine derives its multimodal hash from them. Empty: never.
+    content_keys: tuple[bytes, ...] = ()
+    encoder_cached_images: int = 0  # images an encoder served from its own cache (no ViT)
 
 
 class LeaseState(enum.Enum):

@@ -61,6 +61,9 @@ class Lifetimes:
                 self._keep(lease)
         prompt = req.prompt
         n_cached, cached_tokens = len(cached), sum(x.n_tokens for x in cached)
+        keys = tuple(x.content_key for x in req.leases)
+        keys = keys if self.cache is not None and all(keys) else ()
+        from_encoder_cache = sum(1 for x in req.leases if x.timings and x.timings.vision_cached)
         last = max(req.leases, key=lambda x: _total(x.timings))
         if not self.local:
             self.handed[req.rid] = req
@@ -73,6 +76,7 @@ class Lifetimes:
                 image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
                 pool_runs=runs, n_visual=sum(x.n_tokens for x in req.leases),
                 release=lambda: self.release(req), cached_images=n_cached, cached_tokens=cached_tokens,
+                content_keys=keys, encoder_cached_images=from_encoder_cache,
             )  # fmt: skip
             req.on_ready(ready, None)  # the engine calls ``release`` once done with the rows
             return
@@ -88,6 +92,7 @@ class Lifetimes:
             visual_mask=prompt.visual_mask, embeds=embeds, deepstack=deepstack,
             image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
             n_visual=embeds.shape[0], cached_images=n_cached, cached_tokens=cached_tokens,
+            content_keys=keys, encoder_cached_images=from_encoder_cache,
         )  # fmt: skip
         try:
             req.on_ready(ready, None)  # the engine copies the rows it needs before returning

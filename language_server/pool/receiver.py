@@ -65,6 +65,8 @@ class Receiver(Arrivals):
         self.handed: dict[str, Pending] = {}  # rows handed to the engine, in a pool elsewhere
         self.copying: list[tuple[Any, list[int]]] = []  # (CUDA event, blocks) of copies in flight
         self.on_lent: Callable[[Pending], None] = lambda pending: None  # send its jobs
+        # an encoder's rows for ``lease`` arrived and matched (that encoder may cache them)
+        self.on_rows: Callable[[Lease], None] = lambda lease: None
         self.peak_used = 0
         self.dropped_messages = 0
         self.cache = cache  # resident images (None: off)

@@ -47,3 +47,18 @@ def test_a_descriptor_with_too_few_rows_is_refused():
 
     with pytest.raises(RuntimeError, match="holds 4 rows"):
         _pool_segments([[0, 4]], dest=0, row=2, n=3)
+
+
+def test_the_multimodal_hash_is_keyed_on_the_images_in_order_and_random_without_keys():
+    from language_server.engines.sglang import engine
+
+    a, b = bytes(range(32)), bytes(range(1, 33))
+    h = engine.multimodal_hash((a, b))
+    assert h == engine.multimodal_hash((a, b)) and 0 <= h < 1 << 62  # SGLang's 62-bit range
+    assert h != engine.multimodal_hash((b, a)) != engine.multimodal_hash((a,))
+    # keyed: the plain digest's bits are not the hash (a client cannot compute another's)
+    import hashlib
+
+    assert h != int.from_bytes(hashlib.sha256(a + b).digest()[:8], "big") >> 2
+    randoms = {engine.multimodal_hash(()) for _ in range(8)}  # cache off: never shared
+    assert len(randoms) == 8

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hmac
 import logging
 import os
 import secrets
@@ -45,6 +46,10 @@ from language_server.engines.base import Emit, EngineBase, GenJob, SamplingParam
 from language_server.pool.leases import ReceivedPrompt
 
 log = logging.getLogger("epd.language.sglang")
+DRAIN_S = 30.0  # an aborted request's stream must end (SGLang's scheduler let go) within this
+# Per process: SGLang's multimodal hash of a request's images is keyed, so no client can predict
+# it, nor craft images whose hashes collide with another client's (issue 18).
+_HASH_KEY = secrets.token_bytes(32)
 
 
 @dataclass(eq=False)
@@ -57,6 +62,7 @@ class SGLangRequest:
     image_data: list[dict[str, Any]] | None = None
     release: Callable[[], None] | None = None  # blocks back to the pool (thread-safe, once)
     future: Any = None  # concurrent.futures.Future of the coroutine on the SGLang loop
+    started: bool = False  # handed to SGLang (its scheduler may read the rows from then on)
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)  # per step
 
 
@@ -115,9 +121,9 @@ class SGLangEngine(EngineBase):
             "image_grid_thw": prompt.image_grid_thw,
             "mrope_positions": positions,
             "mrope_position_delta": torch.tensor([[delta]], dtype=torch.long),
-            # Unique per request: no hashing of the rows, and no KV of one request's visual rows
-            # is ever reused for another's (the radix cache keys image positions by this).
-            "hash": secrets.randbits(62),
+            # The radix cache keys image positions by this: the same images (by content key),
+            # the same hash, so a later prompt with the same prefix reuses its KV.
+            "hash": multimodal_hash(prompt.content_keys),
         }
         release = None
         if prompt.pool_runs is not None:
@@ -184,6 +190,7 @@ class SGLangEngine(EngineBase):
             _release(request)
             return
         self._running += 1
+        request.started = True
         job.marks["prefill_start"] = time.perf_counter()
         try:
             reason = await self._stream(job, request)
@@ -193,14 +200,14 @@ class SGLangEngine(EngineBase):
             pass
         except Exception as exc:  # noqa: BLE001 - one bad request must not stop the engine
             self._abort_in_sglang(request)  # nobody reads it: stop SGLang computing it
-            if not job.cancelled:
+            if not job.cancelled:  # (an aborted non-streamed request ends in an exception)
                 log.exception("SGLang generation failed for %s", request.rid)
                 job.emit("error", f"{type(exc).__name__}: {exc}")
         finally:
             self._running -= 1
-            # SGLang is done with the request (finished, failed or aborted): its scheduler will
-            # not read the rows again. (An aborted prefill may still be reading; its output is
-            # thrown away, and the unique hash keeps its KV from ever being reused.)
+            # SGLang is done with the request: its stream ended (finished, or its scheduler
+            # answered our abort: an aborted request still runs one forward, whose KV goes into
+            # the radix cache under the images' hash, so its rows must not change before then).
             _release(request)
 
     async def _stream(self, job: GenJob, request: SGLangRequest) -> str:
@@ -214,8 +221,10 @@ class SGLangEngine(EngineBase):
         sent = 0
         async for chunk in chunks:
             if job.cancelled:
-                return "cancelled"
+                continue  # aborted in SGLang: read on until its scheduler says it let go
             ids, meta = chunk["output_ids"], chunk["meta_info"]
+            if "cached_tokens" in meta:  # prompt tokens whose KV came from SGLang's radix cache
+                job.marks["prefix_cached_tokens"] = meta["cached_tokens"]
             finish = meta.get("finish_reason") or {}
             if finish.get("type") == "stop" and ids and finish.get("matched") == ids[-1]:
                 ids = ids[:-1]  # a stop token (ours, or the model's EOS) is not returned
@@ -229,12 +238,25 @@ class SGLangEngine(EngineBase):
             sent = max(sent, len(ids))
             if finish:
                 return _finish_reason(finish)
+        if job.cancelled:
+            return "cancelled"
         raise RuntimeError("SGLang's stream ended without a finish reason")
 
     def _abort(self, request: SGLangRequest) -> None:
         self._abort_in_sglang(request)
-        request.future.cancel()
-        _release(request)  # a coroutine cancelled before it ran has no finally
+        if not request.started:  # never reached SGLang: nothing can read its rows
+            request.future.cancel()
+            _release(request)  # a coroutine cancelled before it ran has no finally
+            return
+        # Its stream ends once SGLang's scheduler has dropped the request; the blocks come back
+        # then (``_serve``'s finally). A scheduler that never answers: stop waiting after a while.
+        self._loop.call_later(DRAIN_S, self._stop_draining, request)
+
+    def _stop_draining(self, request: SGLangRequest) -> None:
+        if not request.future.done():
+            log.warning("SGLang did not end aborted request %s within %.0f s; its blocks come "
+                        "back now", request.rid, DRAIN_S)  # fmt: skip
+            request.future.cancel()
 
     def _abort_in_sglang(self, request: SGLangRequest) -> None:
         try:
@@ -257,6 +279,20 @@ def _once_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None] | None) -> 
 
 async def _one(item: Any) -> Any:
     yield item
+
+
+def multimodal_hash(content_keys: tuple[bytes, ...]) -> int:
+    """SGLang's multimodal hash for a request's images (62 bits, as SGLang's own).
+
+    Keyed (HMAC-SHA256 under this process's secret) over the images' content keys in prompt
+    order, so the same images give the same hash and SGLang's radix cache reuses the KV of a
+    prompt that starts the same; a client can neither predict a hash nor aim at another's.
+    No keys (the image cache is off): random, unique to the request, never shared.
+    """
+    if not content_keys:
+        return secrets.randbits(62)
+    digest = hmac.new(_HASH_KEY, b"".join(content_keys), "sha256").digest()
+    return int.from_bytes(digest[:8], "big") >> 2
 
 
 def _release(request: SGLangRequest) -> None:

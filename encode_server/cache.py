@@ -1,0 +1,75 @@
+"""Recent ViT outputs of this encoder, by image content (issue 18): a repeated image skips the
+decode, the image processor and the ViT; only its write runs again.
+
+Keyed by SHA-256 over the image's bytes as the job carried them (one process has one set of
+weights, one dtype and one image processor, so nothing else changes the rows), looked up by the
+whole digest. Bounded in bytes (the rows' own: embeds ``[n, H]`` + deepstack ``[n, 3H]``, on the
+encoder's device), least recently used out. An entry owns its tensors (copies of the split), so
+eviction never touches rows a write is reading: a job served from the cache copies them into its
+staging span, or holds its own reference when it is larger than the arena.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class CachedRows:
+    grid: tuple[int, int, int]
+    n_tokens: int
+    embeds: torch.Tensor  # [n, H]
+    deepstack: torch.Tensor  # [n, 3H]
+
+    @property
+    def nbytes(self) -> int:
+        return (self.embeds.numel() + self.deepstack.numel()) * self.embeds.element_size()
+
+
+class RowCache:
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError("the encoder's image cache must be >= 0 bytes")
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[bytes, CachedRows] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    @staticmethod
+    def key(data: bytes) -> bytes:
+        return hashlib.sha256(data).digest()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: bytes) -> CachedRows | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: bytes, grid: tuple[int, int, int], embeds: torch.Tensor,
+            deepstack: torch.Tensor) -> None:  # fmt: skip
+        """Keep copies of one image's rows (nothing when they alone exceed the bound)."""
+        size = (embeds.numel() + deepstack.numel()) * embeds.element_size()
+        if key in self.entries or size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+            self.evictions += 1
+        self.entries[key] = CachedRows(tuple(grid), embeds.shape[0],  # type: ignore[arg-type]
+                                       embeds.clone(), deepstack.clone())  # fmt: skip
+        self.bytes += size
+
+    def stats(self) -> dict[str, int]:
+        return {"cached_images": len(self.entries), "cache_bytes": self.bytes,
+                "cache_hits": self.hits, "cache_misses": self.misses,
+                "cache_evictions": self.evictions}  # fmt: skip
