@@ -1,24 +1,26 @@
 """``epd-bench-turns``: multi-turn conversations that resend their image each turn, image cache
 on and off, side by side in one run (issue 18).
 
-Each round starts two new local clusters on this host (one encoder and one language server each,
-Mooncake over TCP on loopback, the same engine): ``on`` with ``--cache-args`` (default
-``--image-cache-blocks -1``: resident rows may fill the pool), ``off`` with ``--no-image-cache``. Each conversation gets its own image (fixed-seed random pixels)
-and runs ``--turns`` turns the way chat clients send them: every turn carries the whole history,
-the image in the first user message included, the previous answers as assistant messages, and a
-new question. Conversations are paired: each runs on both clusters, the order alternating, so
-both see the same load and the same noise. Then ``--fresh`` single-turn requests with a new image
-each (no repeats: the cache can only cost there), also paired. Two identical servers started
-side by side differ by up to ~15% in TTFT for as long as they run (measured with
-``--cache-args --no-image-cache``): pairing within a round cannot remove that, new clusters each
-round average it out, and the report shows each round's paired ratio beside the pooled one.
+Each round starts three new local clusters on this host (one encoder and one language server
+each, Mooncake over TCP on loopback, the same engine): ``on`` with both caches at their defaults
+(the language server's resident rows, the encoder's ViT outputs), ``encoder`` with only the
+encoder's (``epd-language --no-image-cache``: a repeat skips the ViT but is sent again), ``off``
+with neither. Each conversation gets its own image (fixed-seed random pixels) and runs
+``--turns`` turns the way chat clients send them: every turn carries the whole history, the
+image in the first user message included, the previous answers as assistant messages, and a new
+question. Conversations run on every cluster, the order rotating, so all see the same load and
+noise. Then ``--fresh`` single-turn requests with a new image each (no repeats: the caches can
+only cost there) on ``on`` and ``off``, paired. Two identical clusters started side by side
+differ by up to ~15% in TTFT for as long as they run (``--calibrate`` measures it): pairing
+within a round cannot remove that, so each round starts new clusters and the verdict's interval
+is over the rounds.
 
 Reported per turn: the median of the server's TTFT (``epd.timings.ttft_s``: orchestration start
--> first token) with the cache on and off, and on/off; turn k's TTFT over turn 1's (target on the
-tiny checkpoint: <= 0.4x for turns 2+ with the cache on); and for the fresh requests on/off
-(target: no slower, within noise: the median of the paired on/off ratios; PASS unless the whole
-distribution-free 95% interval of the rounds' ratios lies above 1.00; 6 rounds at least). Greedy tokens must be the same on both clusters for every
-request (exit status 1 otherwise).
+-> first token) on each cluster, on/off, and turn k's TTFT over turn 1's (target on the tiny
+checkpoint: <= 0.4x for turns 2+ with the caches on); for the fresh requests the median of the
+paired on/off ratios (target: no slower, within noise: PASS unless the whole distribution-free
+95% interval of the rounds' ratios lies above 1.00; 6 rounds at least). Greedy tokens must be
+the same on every cluster for every request (exit status 1 otherwise).
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ from benchmarks.e2e import ensure_model, image_data_url, parse_size
 QUESTIONS = ("Describe this image in one word.", "And its colours?", "Anything else?",
              "Say it again.", "Once more.", "Last one.")  # fmt: skip
 TURN_TARGET = 0.4  # turns 2+: TTFT / turn 1's, cache on, at most
-MODES = ("on", "off")
+MODES = ("on", "off")  # compared on every workload
+ENCODER_ONLY = "encoder"  # the conversations also run here: the encoders' cache alone
+# (language flags, encoder flags) per cluster; --calibrate builds "on" like "off"
+SETUPS = {"on": ([], []), ENCODER_ONLY: (["--no-image-cache"], []),
+          "off": (["--no-image-cache"], ["--no-image-cache"])}  # fmt: skip
 
 
 def ask(client: httpx.Client, url: str, messages: list[dict[str, Any]], max_tokens: int):
@@ -107,16 +113,18 @@ def verdict(low: float | None, high: float | None) -> str:
 def report(
     rows: dict[str, list[list[dict]]], fresh: dict[str, list[dict]], turns: int, rounds: int = 1
 ) -> str:
-    lines = ["| turn | TTFT on, median ms | TTFT off, median ms | on / off | on: turn / turn 1 "
-             "| cached images (on) | target |", "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = ["| turn | TTFT on, median ms | TTFT encoder cache only | TTFT off, median ms "
+             "| on / off | on: turn / turn 1 | cached images (on) | target |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     first = median_ms([c[0]["ttft_s"] for c in rows["on"]])
     for k in range(turns):
         on = median_ms([c[k]["ttft_s"] for c in rows["on"]])
         off = median_ms([c[k]["ttft_s"] for c in rows["off"]])
+        enc = median_ms([c[k]["ttft_s"] for c in rows.get(ENCODER_ONLY, [])])
         hits = sum(c[k]["cached_images"] for c in rows["on"])
         ratio = on / first
         target = "-" if k == 0 else ("PASS" if ratio <= TURN_TARGET else "FAIL") + " (<= 0.4x)"
-        lines.append(f"| {k + 1} | {on:.1f} | {off:.1f} | {on / off:.2f}x | {ratio:.2f}x "
+        lines.append(f"| {k + 1} | {on:.1f} | {enc:.1f} | {off:.1f} | {on / off:.2f}x | {ratio:.2f}x "
                      f"| {hits} | {target} |")  # fmt: skip
     if fresh["on"]:
         on_s, off_s = ([r["ttft_s"] for r in fresh[m]] for m in MODES)
@@ -151,9 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=6,
                    help="rounds, each with two new clusters (how much two identical servers "
                    "differ is noise that pairing within one round cannot remove)")  # fmt: skip
-    p.add_argument("--cache-args", default="--image-cache-blocks -1",
-                   help="epd-language flags of the cache-on cluster (the other gets "
-                   "--no-image-cache; '--no-image-cache' here measures two identical clusters)")  # fmt: skip
+    p.add_argument("--calibrate", action="store_true",
+                   help="build the 'on' cluster like 'off' (both caches off): measures how far "
+                   "apart two identical clusters sit, the noise floor of the on/off ratios")  # fmt: skip
     p.add_argument("--conversations", type=int, default=4,
                    help="conversations per cluster, per round")  # fmt: skip
     p.add_argument("--turns", type=int, default=4, help="turns per conversation (<= 6)")
@@ -172,15 +180,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def one_round(args, model: Path, r: int, rows: dict, fresh: dict) -> int:
-    """Round ``r``: two new clusters, the conversations, the single-turn requests; mismatches."""
+    """Round ``r``: new clusters, the conversations, the single-turn requests; mismatches."""
     from epd.cluster import LocalCluster
 
     h, w = args.image_size
-    extra = {"on": args.cache_args.split(), "off": ["--no-image-cache"]}
-    order = MODES if r % 2 == 0 else MODES[::-1]  # which cluster starts first, too
+    setups = {**SETUPS, "on": SETUPS["off"]} if args.calibrate else SETUPS
+    modes = (*MODES, ENCODER_ONLY)
+    order = modes if r % 2 == 0 else modes[::-1]  # which cluster starts first, too
     clusters = {m: LocalCluster(model, n_encoders=1, transport="mooncake",
                                 log_dir=args.log_dir / f"round-{r}" / m, startup_timeout_s=240,
-                                language_args=["--engine", args.engine, *extra[m]])
+                                language_args=["--engine", args.engine, *setups[m][0]],
+                                encoder_args=setups[m][1])
                 for m in order}  # fmt: skip
     mismatches, base = 0, 1000 * r  # images differ across rounds
     try:
@@ -193,13 +203,15 @@ def one_round(args, model: Path, r: int, rows: dict, fresh: dict) -> int:
             for i in tqdm(range(args.conversations), desc=f"round {r + 1}: conversations",
                           file=sys.stderr):  # fmt: skip
                 image = image_data_url(h, w, seed=base + i)
-                turn = MODES if i % 2 == 0 else MODES[::-1]
+                turn = modes[i % 3 :] + modes[: i % 3]
                 got = {m: conversation(client, clusters[m].url, image, args.turns,
                                        args.max_tokens) for m in turn}  # fmt: skip
                 mismatches += sum(
-                    a["ids"] != b["ids"] for a, b in zip(got["on"], got["off"], strict=True)
+                    a["ids"] != b["ids"]
+                    for m in (ENCODER_ONLY, "off")
+                    for a, b in zip(got["on"], got[m], strict=True)
                 )
-                for m in MODES:
+                for m in modes:
                     rows[m].append(got[m])
             for i in tqdm(range(args.fresh), desc=f"round {r + 1}: no repeats", file=sys.stderr):
                 image = image_data_url(h, w, seed=5_000_000 + base + i)
@@ -219,15 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = ensure_model(args.model)
     h, w = args.image_size
-    rows: dict[str, list] = {m: [] for m in MODES}
+    rows: dict[str, list] = {m: [] for m in (*MODES, ENCODER_ONLY)}
     fresh: dict[str, list] = {m: [] for m in MODES}
     mismatches = sum(one_round(args, model, r, rows, fresh) for r in range(args.rounds))
     print(f"epd-bench-turns: {args.rounds} round(s) of {args.conversations} conversations x "
           f"{args.turns} turns and {args.fresh} requests without repeats, image {h}x{w}, engine "
-          f"{args.engine}, max_tokens {args.max_tokens}, cache on = {args.cache_args!r}; new "
-          f"clusters each round, the two take turns per conversation and per request\n")  # fmt: skip
+          f"{args.engine}, max_tokens {args.max_tokens}"
+          f"{' (--calibrate: on is built like off)' if args.calibrate else ''}; new clusters "
+          f"each round, they take turns per conversation and per request\n")  # fmt: skip
     print(report(rows, fresh, args.turns, args.rounds))
-    print(f"\ngreedy tokens: {'the same' if not mismatches else f'{mismatches} DIFFER'} on both")
+    print(f"\ngreedy tokens: {'the same' if not mismatches else f'{mismatches} DIFFER'} everywhere")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},

@@ -34,6 +34,11 @@ class Metrics:
         self.transfer_seconds = Histogram("epd_transfer_seconds", "Data-plane write time per request",
                                           buckets=_LATENCY, registry=r)  # fmt: skip
         self.tokens = Counter("epd_generated_tokens", "Generated tokens", registry=r)
+        self.encoder_cache_hits = Counter(
+            "epd_encoder_cache_hits",
+            "Images an encoder served from its cache of ViT outputs (sent again, not encoded)",
+            registry=r,
+        )
         self.pool_free = Gauge("epd_pool_free_blocks", "Free receive blocks", registry=r)
         self.pool_total = Gauge("epd_pool_blocks", "Receive blocks in the pool", registry=r)
         self.pool_peak = Gauge(

@@ -25,10 +25,13 @@ def test_turns_bench_serves_repeats_from_the_cache_with_the_same_tokens(
     on, off = data["conversations"]["on"], data["conversations"]["off"]
     assert [t["cached_images"] for c in on for t in c] == [0, 1, 1] * 4  # turns 2+ hit
     assert all(t["cached_images"] == 0 for c in off for t in c)
+    encoder = data["conversations"]["encoder"]  # the encoder's cache alone: turns 2+ skip the ViT
+    assert [t["timings"]["encoder_cached_images"] for c in encoder for t in c] == [0, 1, 1] * 4
+    assert all(t["timings"]["encoder_cached_images"] == 0 for c in off for t in c)
     assert all(r["cached_images"] == 0 for r in data["fresh"]["on"])  # nothing repeats there
     assert [r["round"] for r in data["fresh"]["off"]] == [0, 0, 1, 1]  # new clusters each round
     printed = capsys.readouterr().out
-    assert "| turn | TTFT on, median ms |" in printed and "the same on both" in printed
+    assert "| turn | TTFT on, median ms |" in printed and "the same everywhere" in printed
     assert "| round 2: 2 requests |" in printed
 
 

@@ -100,6 +100,8 @@ def test_the_encoder_cache_serves_a_repeat_and_a_killed_holder_loses_nothing(
             assert again == expected and t_again["encoder_cached_images"] == 1
             assert t_again["transfer_bytes"] == t_cold["transfer_bytes"]  # rows still sent
         assert _by_encoder(c)[holder] == (3, 2)
+        with urllib.request.urlopen(c.url + "/metrics", timeout=10) as r:
+            assert re.search(r"^epd_encoder_cache_hits_total 2\.0$", r.read().decode(), re.M)
 
         c.kill(holder)
         deadline = time.monotonic() + 30

@@ -31,7 +31,9 @@ def _big_cheap_image(seed: int) -> str:
 def test_a_worker_busy_for_seconds_is_never_taken_for_dead(tiny_model_dir, make_image, tmp_path):
     dead_after = 0.5
     args = ["--heartbeat", "0.1", "--encoder-dead-after", str(dead_after), "--num-blocks", "1024"]
-    with LocalCluster(tiny_model_dir, n_encoders=1, log_dir=tmp_path, language_args=args) as c:
+    # the encoder's cache off: else the second and third copies skip their preprocessing
+    with LocalCluster(tiny_model_dir, n_encoders=1, log_dir=tmp_path, language_args=args,
+                      encoder_args=["--no-image-cache"]) as c:  # fmt: skip
         url = _big_cheap_image(1)
         content = [{"type": "image_url", "image_url": {"url": url}}] * 3 + [
             {"type": "text", "text": "three huge images, each one long blocking preprocess"}
