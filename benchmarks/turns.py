@@ -155,9 +155,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--model", type=Path, default=Path("out/tiny-model"),
                    help="checkpoint directory (made with epd-make-tiny-model if missing)")  # fmt: skip
-    p.add_argument("--engine", default="transformers", help="--engine of both language servers")
+    p.add_argument("--engine", default="transformers", help="--engine of every language server")
     p.add_argument("--rounds", type=int, default=6,
-                   help="rounds, each with two new clusters (how much two identical servers "
+                   help="rounds, each with three new clusters (how much two identical servers "
                    "differ is noise that pairing within one round cannot remove)")  # fmt: skip
     p.add_argument("--calibrate", action="store_true",
                    help="build the 'on' cluster like 'off' (both caches off): measures how far "
