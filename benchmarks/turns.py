@@ -101,6 +101,10 @@ def paired_ratio(on: list[float], off: list[float], level: float = 0.95):
     return statistics.median(ratios), ratios[k - 1], ratios[n - k]
 
 
+def _interval(low: float | None, high: float | None) -> str:
+    return f"{low:.2f}-{high:.2f}x" if low is not None and high is not None else "-"
+
+
 def verdict(low: float | None, high: float | None) -> str:
     """Where the paired interval lies against 1.00 (no repeats: the cache must not cost)."""
     if low is None or high is None:
@@ -133,19 +137,18 @@ def report(
             on_r, off_r = ([x["ttft_s"] for x in fresh[m] if x.get("round", 0) == r] for m in MODES)
             ratio, low, high = paired_ratio(on_r, off_r)
             per_round.append(ratio)
-            ci = f"{low:.2f}-{high:.2f}x" if low is not None else "-"
             round_rows.append(f"| round {r + 1}: {len(on_r)} requests | {median_ms(on_r):.1f} "
-                              f"| {median_ms(off_r):.1f} | {ratio:.2f}x | {ci} | |")  # fmt: skip
+                              f"| {median_ms(off_r):.1f} | {ratio:.2f}x | {_interval(low, high)} | |")  # fmt: skip
         # The verdict's interval is over the rounds' ratios: requests of one round share its
         # two servers, whose own difference no pairing removes (6 rounds at least).
         _, low, high = paired_ratio(per_round, [1.0] * len(per_round))
-        ci = f"{low:.2f}-{high:.2f}x" if low is not None else "-"
         lines += ["", "| no repeats | TTFT on, median ms | TTFT off, median ms "
                   "| on / off, paired median | 95% interval | target |",
                   "|---|---:|---:|---:|---:|---|",
                   f"| all: {len(on_s)} requests, a new image each (interval over the {rounds} "
                   f"rounds) | {median_ms(on_s):.1f} | {median_ms(off_s):.1f} "
-                  f"| {paired_ratio(on_s, off_s)[0]:.2f}x | {ci} | {verdict(low, high)} |",
+                  f"| {paired_ratio(on_s, off_s)[0]:.2f}x | {_interval(low, high)} "
+                  f"| {verdict(low, high)} |",
                   *round_rows]  # fmt: skip
     return "\n".join(lines)
 

@@ -27,7 +27,11 @@ class CachedRows:
 
     @property
     def nbytes(self) -> int:
-        return (self.embeds.numel() + self.deepstack.numel()) * self.embeds.element_size()
+        return _nbytes(self.embeds, self.deepstack)
+
+
+def _nbytes(embeds: torch.Tensor, deepstack: torch.Tensor) -> int:
+    return (embeds.numel() + deepstack.numel()) * embeds.element_size()
 
 
 class RowCache:
@@ -58,7 +62,7 @@ class RowCache:
     def put(self, key: bytes, grid: tuple[int, int, int], embeds: torch.Tensor,
             deepstack: torch.Tensor) -> None:  # fmt: skip
         """Keep copies of one image's rows (nothing when they alone exceed the bound)."""
-        size = (embeds.numel() + deepstack.numel()) * embeds.element_size()
+        size = _nbytes(embeds, deepstack)
         if key in self.entries or size > self.max_bytes:
             return
         while self.bytes + size > self.max_bytes:

@@ -198,7 +198,7 @@ def build_app(config: LanguageConfig):
         if transport is not None:
             transport.close()
 
-    return create_app(service, Metrics(cache), lifespan)
+    return create_app(service, Metrics(cache, encoders), lifespan)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,7 +207,6 @@ def _finish(metrics: Metrics, run: Running, ids: list[int]) -> dict[str, Any]:
     if "transfer_s" in req.timings:
         metrics.transfer_seconds.observe(req.timings["transfer_s"])
         metrics.transfer_bytes.inc(req.timings["transfer_bytes"])
-        metrics.encoder_cache_hits.inc(req.timings.get("encoder_cached_images", 0))
     usage = {"prompt_tokens": run.prompt_tokens, "completion_tokens": len(ids),
              "total_tokens": run.prompt_tokens + len(ids)}  # fmt: skip
     return usage

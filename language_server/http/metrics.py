@@ -11,11 +11,13 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class Metrics:
-    def __init__(self, cache: Any = None) -> None:
+    def __init__(self, cache: Any = None, encoders: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         if cache is not None:
             r.register(_CacheCollector(cache))
+        if encoders is not None:
+            r.register(_EncoderCacheCollector(encoders))
         self.requests = Counter(
             "epd_requests",
             "Chat requests by HTTP status (499: the client went "
@@ -34,11 +36,6 @@ class Metrics:
         self.transfer_seconds = Histogram("epd_transfer_seconds", "Data-plane write time per request",
                                           buckets=_LATENCY, registry=r)  # fmt: skip
         self.tokens = Counter("epd_generated_tokens", "Generated tokens", registry=r)
-        self.encoder_cache_hits = Counter(
-            "epd_encoder_cache_hits",
-            "Images an encoder served from its cache of ViT outputs (sent again, not encoded)",
-            registry=r,
-        )
         self.pool_free = Gauge("epd_pool_free_blocks", "Free receive blocks", registry=r)
         self.pool_total = Gauge("epd_pool_blocks", "Receive blocks in the pool", registry=r)
         self.pool_peak = Gauge(
@@ -66,6 +63,23 @@ class _CacheCollector:
                                   value=c.evictions)  # fmt: skip
         yield GaugeMetricFamily("epd_image_cache_resident_blocks", "Blocks resident images hold",
                                 value=c.blocks)  # fmt: skip
+
+    def describe(self) -> list[Any]:
+        return []
+
+
+class _EncoderCacheCollector:
+    """The encoders' cache hits as this server counted them per link (``EncoderLink``)."""
+
+    def __init__(self, encoders: Any) -> None:
+        self.encoders = encoders
+
+    def collect(self) -> Any:
+        yield CounterMetricFamily(
+            "epd_encoder_cache_hits",
+            "Images an encoder served from its cache of ViT outputs (sent again, not encoded)",
+            value=sum(link.cache_hits for link in self.encoders.links),
+        )
 
     def describe(self) -> list[Any]:
         return []

@@ -142,9 +142,8 @@ class ChatService:
                 elif kind == "end":
                     finished = True
                     req.timings["finish_reason"] = value
-                    reused = run.job.marks.get(
-                        "prefix_cached_tokens"
-                    )  # engines with a prefix cache
+                    # engines with a prefix cache say how many prompt tokens' KV they reused
+                    reused = run.job.marks.get("prefix_cached_tokens")
                     if reused is not None:
                         req.timings["prefix_cached_tokens"] = int(reused)
                     return
