@@ -1,11 +1,12 @@
 """encode_server: the encoder half of disaggregated Qwen3-VL-MoE.
 
-Flow v3: gets one image's encoded bytes per encode job (the language side prepares the prompt and
+Flow v3: gets one image's (or video's) encoded bytes per encode job (the language side prepares the prompt and
 never sends its text here); owns the pixels and the ViT; never loads a decoder layer and never
 imports ``language_server``.
 
 - ``images``: ``decode_image`` (untrusted bytes -> RGB, EXIF-transposed, size-checked PIL image).
-- ``vision``: ``VisionEncoder`` (``preprocess_image`` -> ``PreprocessedImage`` patches and grid;
+- ``videos``: ``decode_frames`` (untrusted container bytes -> the sampled frames, PyAV, bounded).
+- ``vision``: ``VisionEncoder`` (``preprocess`` -> ``PreprocessedImage`` patches and grid;
   ``run_vision``: one ViT forward per batch -> per image ``embeds [n, H]`` and
   ``deepstack [n, 3H]``).
 - ``weights``: reads only ``model.visual.*`` from a (sharded) safetensors checkpoint.

@@ -1,9 +1,9 @@
 """Recent ViT outputs of this encoder, by image content (issue 18): a repeated image skips the
 decode, the image processor and the ViT; only its write runs again.
 
-Keyed by SHA-256 over the image's bytes as the job carried them (one process has one set of
-weights, one dtype and one image processor, so nothing else changes the rows), looked up by the
-whole digest. Bounded in bytes (the rows' own: embeds ``[n, H]`` + deepstack ``[n, 3H]``, on the
+Keyed by SHA-256 over the image's bytes as the job carried them, and for a video the frames it
+samples (one process has one set of weights, one dtype and one image and video processor, so
+nothing else changes the rows), looked up by the whole digest. Bounded in bytes (the rows' own: embeds ``[n, H]`` + deepstack ``[n, 3H]``, on the
 encoder's device), least recently used out. An entry owns its tensors (copies of the split), so
 eviction never touches rows a write is reading: a job served from the cache copies them into its
 staging span, or holds its own reference when it is larger than the arena.
@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+import protocol as P
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +46,15 @@ class RowCache:
         self.hits = self.misses = self.evictions = 0
 
     @staticmethod
-    def key(data: bytes) -> bytes:
-        return hashlib.sha256(data).digest()
+    def key(job: P.EncodeJob) -> bytes:
+        """What makes a job's rows: its bytes; a video's sampled frame indices, or each of the
+        client's frames (length-prefixed, so no two lists hash alike)."""
+        h = hashlib.sha256(job.data)
+        if job.is_video:
+            h.update(b"\0video" + b"".join(i.to_bytes(4, "little") for i in job.frames))
+            for frame in job.frame_data:
+                h.update(len(frame).to_bytes(8, "little") + frame)
+        return h.digest()
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -58,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
         action="store_true",
         help="keep no ViT outputs: every image is decoded and encoded again",
     )
+    p.add_argument("--max-video-frames", type=int, default=d["max_video_frames"].default,
+                   help="frames decoded from one video at most (a job asking for a later "
+                   "frame fails with a clear error)")  # fmt: skip
+    p.add_argument("--max-video-decode-s", type=float, default=d["max_video_decode_s"].default,
+                   help="seconds of decoding one video at most")  # fmt: skip
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     a = p.parse_args(argv)
     try:
@@ -70,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> EncodeConfig:
             peer_timeout_s=a.peer_timeout, curve_keys=a.curve_keys, curve_clients=a.curve_clients,
             torch_threads=a.torch_threads, image_cache=not a.no_image_cache,
             image_cache_mb=a.image_cache_mb, log_level=a.log_level,
+            max_video_frames=a.max_video_frames, max_video_decode_s=a.max_video_decode_s,
         )  # fmt: skip
     except ValueError as exc:
         p.error(str(exc))
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from encode_server.vision import VisionEncoder
     from transfer import DTYPES, make_sender
 
-    encoder = VisionEncoder.from_pretrained(config.model, config.device, DTYPES[config.dtype])
+    encoder = VisionEncoder.from_pretrained(config.model, config.device, DTYPES[config.dtype],
+                                            video_limits=config.video_limits())  # fmt: skip
     sender = make_sender(config.transport, **config.sender_options())
     server = EncodeServer(config, encoder, sender)
     stop = threading.Event()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from encode_server.videos import VideoLimits
 from transfer import BACKENDS, DTYPES
 from transfer.registry import advertised_host, endpoint_options
 
@@ -32,6 +33,8 @@ class EncodeConfig:
     torch_threads: int = 0  # 0: torch's default
     image_cache: bool = True  # recent ViT outputs by image bytes (issue 18)
     image_cache_mb: int = 1024  # their bound, MiB of rows on the encoder's device
+    max_video_frames: int = 65536  # frames decoded from one video to reach those it samples
+    max_video_decode_s: float = 60.0  # wall time of one video's decode
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -49,8 +52,13 @@ class EncodeConfig:
             raise ValueError("--image-cache-mb must be >= 0")
         if min(self.max_batch_images, self.max_batch_tokens, self.max_queue) < 1:
             raise ValueError("--max-batch-images and --max-batch-tokens must be >= 1")
+        if self.max_video_frames < 1 or not self.max_video_decode_s > 0:
+            raise ValueError("--max-video-frames and --max-video-decode-s must be > 0")
         if min(self.transfer_timeout_s, self.peer_timeout_s) <= 0:
             raise ValueError("--transfer-timeout and --peer-timeout must be > 0")
+
+    def video_limits(self) -> VideoLimits:
+        return VideoLimits(max_frames=self.max_video_frames, max_decode_s=self.max_video_decode_s)
 
     @property
     def bind_address(self) -> str:

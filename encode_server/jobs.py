@@ -1,4 +1,5 @@
-"""One encode job on the encode server: one image, from EncodeJob to its done (or failed) report."""
+"""One encode job on the encode server: one image or video, from EncodeJob to its done (or
+failed) report."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class Job:
     stop_reason: str = ""
     cache_key: bytes = b""  # SHA-256 of the image's bytes (encode_server/cache.py)
     cached: Any = None  # the cache's CachedRows when this image's rows were there
+    decode_s: float = 0.0  # a video's frame decode (part of preprocessing)
     marks: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -72,6 +74,7 @@ class Job:
         return P.EncodeTimings(
             queue_s=self.span("received", "preprocess_start"),
             preprocess_s=self.span("preprocess_start", "preprocessed"),
+            decode_s=self.decode_s,
             vision_s=self.span("vision_start", "vision_end"),
             transfer_s=self.span("transfer_start", "transfer_end"),
             vision_cached=self.cached is not None,

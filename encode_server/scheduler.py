@@ -60,7 +60,7 @@ class JobScheduler:
         job.mark("preprocess_start")
         expected = (tuple(job.msg.grid), job.msg.n_tokens)
         if self.cache is not None:
-            job.cache_key = RowCache.key(job.msg.data)
+            job.cache_key = RowCache.key(job.msg)
             entry = self.cache.get(job.cache_key)
             if entry is not None:
                 if (entry.grid, entry.n_tokens) != expected:
@@ -70,7 +70,8 @@ class JobScheduler:
                 job.cached, job.stage = entry, Stage.AWAIT_VISION
                 return
         try:
-            image = self.encoder.preprocess_image(job.msg.data)
+            m = job.msg
+            image = self.encoder.preprocess(m.data, m.frames, m.frame_data)
         except ValueError as exc:
             self.fail(job, "preprocess", str(exc))
             return
@@ -78,6 +79,7 @@ class JobScheduler:
             self._wrong_grid(job, image.grid, image.n_tokens)
             return
         job.mark("preprocessed")
+        job.decode_s = image.decode_s
         job.image, job.stage = image, Stage.AWAIT_VISION
 
     def _wrong_grid(self, job: Job, grid: tuple[int, ...], n_tokens: int) -> None:

@@ -1,25 +1,31 @@
 """The encoder half of Qwen3-VL-MoE: image processor plus ViT, without any language weight.
 
-Flow v3: the encoder gets one image's bytes per encode job and never sees prompt text.
-``preprocess_image`` (CPU, no weights: decode, checks, image processor) and ``run_vision`` (one
-ViT forward over a batch of images) are separate so that a scheduler can batch across jobs.
+Flow v3: the encoder gets one image's (or video's) bytes per encode job and never sees prompt
+text. ``preprocess`` (CPU, no weights: decode, checks, image or video processor) and
+``run_vision`` (one ViT forward over a batch of images and videos) are separate so that a
+scheduler can batch across jobs. The ViT attends within each temporal patch, so a video of grid
+(t, h, w) and images batched with it do not see each other.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import AutoConfig, AutoImageProcessor
+from transformers import AutoConfig, AutoImageProcessor, AutoVideoProcessor
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
     Qwen3VLMoeVisionModel,
     Qwen3VLMoeVisionRotaryEmbedding,
 )
 
 from encode_server.images import ImageLimits, decode_image
+from encode_server.videos import VideoLimits, decode_frames
 from encode_server.weights import load_prefixed
 
 log = logging.getLogger(__name__)
@@ -34,12 +40,14 @@ class PreprocessedImage:
     """One image after the image processor, before the ViT.
 
     pixel_values [patches, C*T*P*P] on the CPU; grid (t, h, w) in patches; n_tokens: visual
-    tokens after the spatial merge (t*h*w // merge**2).
+    tokens after the spatial merge (t*h*w // merge**2); decode_s: seconds spent decoding (a
+    video's frames; 0 for an image, whose decode is cheap and counted in preprocessing).
     """
 
     pixel_values: torch.Tensor
     grid: tuple[int, int, int]
     n_tokens: int
+    decode_s: float = 0.0
 
 
 class VisionEncoder:
@@ -51,11 +59,15 @@ class VisionEncoder:
         vision: Qwen3VLMoeVisionModel,
         hidden: int,
         limits: ImageLimits | None = None,
+        video_processor: Any = None,
+        video_limits: VideoLimits | None = None,
     ) -> None:
         self.image_processor = image_processor
+        self.video_processor = video_processor
         self.vision = vision.eval().requires_grad_(False)
         self.hidden = hidden
         self.limits = limits or ImageLimits()
+        self.video_limits = video_limits or VideoLimits()
         self.merge_size = int(vision.config.spatial_merge_size)
         if int(image_processor.merge_size) != self.merge_size:
             raise ValueError("the image processor's merge_size differs from the ViT's")
@@ -67,10 +79,13 @@ class VisionEncoder:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         limits: ImageLimits | None = None,
+        video_limits: VideoLimits | None = None,
     ) -> VisionEncoder:
-        """Load the image processor and only the ``model.visual.*`` tensors of a checkpoint."""
+        """Load the image and video processors and only the ``model.visual.*`` tensors of a
+        checkpoint."""
         config = AutoConfig.from_pretrained(model_dir)
         image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        video_processor = AutoVideoProcessor.from_pretrained(model_dir)
         vision = _build_vision(config.vision_config, model_dir, device, dtype)
         log.info(
             "vision encoder from %s: %d parameters, %s on %s",
@@ -79,7 +94,8 @@ class VisionEncoder:
             dtype,
             device,
         )
-        return cls(image_processor, vision, config.text_config.hidden_size, limits)
+        return cls(image_processor, vision, config.text_config.hidden_size, limits,
+                   video_processor, video_limits)  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -96,6 +112,38 @@ class VisionEncoder:
         grid = tuple(int(x) for x in batch["image_grid_thw"][0])
         n_tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
         return PreprocessedImage(batch["pixel_values"], grid, n_tokens)  # type: ignore[arg-type]
+
+    def preprocess(self, data: bytes, frames: Sequence[int] = (),
+                   frame_data: Sequence[bytes] = ()) -> PreprocessedImage:  # fmt: skip
+        """An image (``data``), or a video: a container (``data``) with the frame indices to
+        sample, or the frames a client sampled (``frame_data``, each an encoded image), as an
+        ``EncodeJob`` carries them -> patches. CPU only, no weights; ValueError on bad input."""
+        if not frames and not frame_data:
+            return self.preprocess_image(data)
+        start = time.perf_counter()
+        if frame_data:
+            images = [np.asarray(decode_image(f, self.limits)) for f in frame_data]
+            if len({f.shape for f in images}) != 1:
+                raise ValueError("the video's frames differ in size")
+            video = np.stack(images)
+        else:
+            video = decode_frames(data, list(frames), self.video_limits)
+        decoded = time.perf_counter()
+        return replace(self.preprocess_video(video), decode_s=decoded - start)
+
+    def preprocess_video(self, frames: np.ndarray) -> PreprocessedImage:
+        """Decoded frames ``[T, H, W, 3]`` uint8 (already sampled) -> patches, by the
+        checkpoint's video processor. ValueError when it refuses them."""
+        if self.video_processor is None:
+            raise ValueError("this encoder has no video processor")
+        try:
+            batch = self.video_processor(videos=[frames], do_sample_frames=False,
+                                         return_tensors="pt")  # fmt: skip
+        except (ValueError, TypeError) as exc:  # e.g. fewer frames than a temporal patch
+            raise ValueError(f"cannot preprocess the video: {exc}") from None
+        grid = tuple(int(x) for x in batch["video_grid_thw"][0])
+        n_tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
+        return PreprocessedImage(batch["pixel_values_videos"], grid, n_tokens)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def run_vision(

@@ -47,6 +47,7 @@ class EncodedPrompt:
     deepstack: torch.Tensor
     image_grid_thw: torch.Tensor
     n_vis: int
+    video_grid_thw: torch.Tensor | None = None  # [n_videos, 3]
 
 
 class SplitPipeline:
@@ -96,7 +97,8 @@ class SplitPipeline:
         pixels = []
         for prompt in prepared:
             for spec in prompt.images:
-                image = self.encoder.preprocess_image(spec.data)
+                image = self.encoder.preprocess(spec.data, spec.frames if spec.kind == "video"
+                                                else (), spec.frame_data)  # fmt: skip
                 if image.grid != spec.grid:
                     raise RuntimeError(f"encoder grid {image.grid} != prepared {spec.grid}")
                 pixels.append(image)
@@ -116,6 +118,7 @@ class SplitPipeline:
             deepstack=torch.cat(deepstack),
             image_grid_thw=prompt.image_grid_thw,
             n_vis=prompt.n_vis,
+            video_grid_thw=prompt.video_grid_thw,
         )
 
 

@@ -66,15 +66,21 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
     p.add_argument("--request-timeout", type=float, default=d["request_timeout_s"].default,
                    help="seconds from sending a request to an encoder to its rows arriving")  # fmt: skip
     p.add_argument("--max-images", type=int, default=d["max_images"].default,
-                   help="images in one request at most")  # fmt: skip
+                   help="images and videos in one request at most")  # fmt: skip
     p.add_argument("--max-image-pixels", type=int, default=d["max_image_pixels"].default,
-                   help="pixels (width x height, from the header) of one image at most")  # fmt: skip
+                   help="pixels (width x height, from the header) of one image or video "
+                   "frame at most")  # fmt: skip
     p.add_argument("--max-image-tokens", type=int, default=d["max_image_tokens"].default,
-                   help="visual tokens of one image at most")  # fmt: skip
+                   help="visual tokens of one image or video at most")  # fmt: skip
+    p.add_argument("--max-video-frames", type=int, default=d["max_video_frames"].default,
+                   help="frames in one video's container at most (413 beyond)")  # fmt: skip
+    p.add_argument("--max-video-seconds", type=float, default=d["max_video_seconds"].default,
+                   help="duration of one video at most, from its container (413 beyond)")  # fmt: skip
     p.add_argument("--max-prompt-tokens", type=int, default=d["max_prompt_tokens"].default,
                    help="prompt tokens at most (after image expansion)")  # fmt: skip
     p.add_argument("--max-image-bytes", type=int, default=d["max_image_bytes"].default,
-                   help="bytes of one encoded image (data: URL payload or file) at most")  # fmt: skip
+                   help="bytes of one encoded image or video (data: URL payload or "
+                   "file; a video's frames in all) at most")  # fmt: skip
     p.add_argument("--max-body-bytes", type=int, default=d["max_body_bytes"].default,
                    help="bytes of one HTTP request body at most, 413 beyond (default 0: room "
                    "for --max-images images of --max-image-bytes in base64, at most 64 MiB)")  # fmt: skip
@@ -110,6 +116,7 @@ def parse_args(argv: list[str] | None = None) -> LanguageConfig:
             encoder_dead_after_s=a.encoder_dead_after, request_timeout_s=a.request_timeout,
             max_images=a.max_images, max_prompt_tokens=a.max_prompt_tokens,
             max_image_bytes=a.max_image_bytes, max_body_bytes=a.max_body_bytes,
+            max_video_frames=a.max_video_frames, max_video_seconds=a.max_video_seconds,
             allowed_local_media_path=a.allowed_local_media_path, log_level=a.log_level,
             torch_threads=a.torch_threads, curve_keys=a.curve_keys, curve_server_key=a.curve_server_key,
         )  # fmt: skip
@@ -146,7 +153,9 @@ def build_app(config: LanguageConfig):
         raise
     limits = PromptLimits(max_prompt_tokens=config.max_prompt_tokens, max_images=config.max_images,
                           max_image_pixels=config.max_image_pixels,
-                          max_image_tokens=config.max_image_tokens)  # fmt: skip
+                          max_image_tokens=config.max_image_tokens,
+                          max_video_frames=config.max_video_frames,
+                          max_video_seconds=config.max_video_seconds)  # fmt: skip
     builder = PromptBuilder.from_pretrained(config.model, limits, config.dtype)
     hidden = builder.config.text_config.hidden_size  # type: ignore[union-attr]
     transport = None

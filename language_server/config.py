@@ -48,7 +48,9 @@ class LanguageConfig:
     max_images: int = 16
     max_image_pixels: int = 64 * 1024 * 1024  # width x height of one image (from its header)
     max_image_tokens: int = 16384  # visual tokens of one image
-    max_image_bytes: int = 32 << 20  # one encoded image (data: URL payload or file)
+    max_image_bytes: int = 32 << 20  # one encoded image or video (data: URL payload or file)
+    max_video_frames: int = 65536  # frames in one video's container
+    max_video_seconds: float = 4 * 3600.0  # one video's duration (its frames / its rate)
     max_body_bytes: int = 0  # HTTP body; 0: room for max_images images in base64, <= 64 MiB
     allowed_local_media_path: Path | None = None  # local image paths are read only under it
     curve_keys: Path | None = None  # this server's secret certificate (CURVE on when set)
@@ -68,6 +70,8 @@ class LanguageConfig:
             raise ValueError(f"--dtype must be one of {sorted(DTYPES)}")
         if self.image_cache_blocks < -1:
             raise ValueError("--image-cache-blocks must be >= 0, or -1 for the whole pool")
+        if self.max_video_frames < 1 or not self.max_video_seconds > 0:
+            raise ValueError("--max-video-frames and --max-video-seconds must be > 0")
         if min(self.num_blocks, self.block_tokens, self.max_images) < 1:
             raise ValueError("--num-blocks, --block-tokens and --max-images must be >= 1")
         if self.max_images > MAX_IMAGES:

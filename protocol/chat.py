@@ -1,8 +1,10 @@
-"""OpenAI-style chat messages <-> validated ``ChatTurn`` parts plus image bytes, decoding no image.
+"""OpenAI-style chat messages <-> validated ``ChatTurn`` parts plus image and video bytes,
+decoding no pixel.
 
 The language server (the front door) turns the client's messages into ``ChatTurn`` parts plus
 the raw bytes of each image (from a ``data:`` URL, or a local file when the policy names a
-directory); its prompt builder turns them back into messages for the chat template, and each
+directory) and each video (``VideoSource``: a container, or the frames a client sampled itself);
+its prompt builder turns them back into messages for the chat template, and each
 image's bytes go to an encoder as one job. Remote URLs are never fetched. Every rejection is a
 ``ValueError`` whose message names the field and says what was wrong, fit for an HTTP 400.
 
@@ -17,16 +19,40 @@ import base64
 import binascii
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from protocol.messages import MAX_IMAGE_BYTES, MAX_IMAGES, MAX_TEXT, ChatTurn, ContentPart
+from protocol.messages import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGES,
+    MAX_TEXT,
+    MAX_VIDEO_FRAMES,
+    ChatTurn,
+    ContentPart,
+)
 
 ROLES = ("system", "user", "assistant")
 MAX_PARTS = 256  # content parts of one message (ChatTurn.parts)
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_FPS = 240.0  # frames a second a client may ask a video to be sampled at
+
+
+@dataclass(frozen=True)
+class VideoSource:
+    """One video of a request as the client sent it: a container's bytes (``data``), or the
+    frames it sampled itself (``frames``, each an encoded image, at ``fps`` frames a second),
+    with its sampling options (None: the checkpoint's video processor decides)."""
+
+    data: bytes = b""
+    frames: tuple[bytes, ...] = ()
+    fps: float | None = None
+    max_frames: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(map(len, self.frames))
 
 
 @dataclass(frozen=True)
@@ -65,19 +91,19 @@ def refused_path_message(where: str, policy: ImageSourcePolicy) -> str:
     )
 
 
-def data_url_bytes(url: str, max_bytes: int, where: str = "image") -> bytes:
-    """The payload of ``data:image/<type>;base64,<payload>``."""
+def data_url_bytes(url: str, max_bytes: int, where: str = "image", media: str = "image") -> bytes:
+    """The payload of ``data:<media>/<type>;base64,<payload>`` (``media``: image or video)."""
     header, sep, payload = url.partition(",")
-    if not sep or not header.startswith("data:image/") or not header.endswith(";base64"):
-        raise ValueError(f"{where}: a data URL must look like data:image/<type>;base64,<payload>")
+    if not sep or not header.startswith(f"data:{media}/") or not header.endswith(";base64"):
+        raise ValueError(f"{where}: a data URL must look like data:{media}/<type>;base64,<payload>")
     if len(payload) > max_bytes * 4 // 3 + 4:
-        raise ValueError(f"{where}: image data larger than {max_bytes} bytes")
+        raise ValueError(f"{where}: {media} data larger than {max_bytes} bytes")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ValueError(f"{where}: image data URL is not valid base64: {exc}") from None
+        raise ValueError(f"{where}: {media} data URL is not valid base64: {exc}") from None
     if not 1 <= len(data) <= max_bytes:
-        raise ValueError(f"{where}: image data must be 1..{max_bytes} bytes, got {len(data)}")
+        raise ValueError(f"{where}: {media} data must be 1..{max_bytes} bytes, got {len(data)}")
     return data
 
 
@@ -127,13 +153,18 @@ def _read_confined(root: Path, raw: str, max_bytes: int) -> bytes | None:
     return data if 1 <= len(data) <= max_bytes else None
 
 
-def source_bytes(url: str, policy: ImageSourcePolicy, where: str = "image") -> bytes:
-    """Bytes behind an image URL: ``data:`` URLs, and local paths when the policy allows."""
+def source_bytes(url: str, policy: ImageSourcePolicy, where: str = "image",
+                 media: str = "image", max_bytes: int = 0) -> bytes:  # fmt: skip
+    """Bytes behind an image (video) URL: ``data:`` URLs, and local paths when the policy
+    allows; at most ``max_bytes`` (0: the policy's)."""
+    limit = max_bytes or policy.max_bytes
     if url.startswith("data:"):
-        return data_url_bytes(url, policy.max_bytes, where)
+        return data_url_bytes(url, limit, where, media)
     if "://" in url and not url.startswith("file://"):
         scheme = ascii(url.split("://", 1)[0][:16])
-        raise ValueError(f"{where}: image URL scheme {scheme} is not accepted (use data:)")
+        raise ValueError(f"{where}: {media} URL scheme {scheme} is not accepted (use data:)")
+    if limit < policy.max_bytes:
+        policy = replace(policy, max_bytes=limit)
     return file_bytes(url, policy, where)
 
 
@@ -148,12 +179,15 @@ def check_text(value: str, where: str) -> str:
     return value
 
 
-def to_turns(messages: Any, policy: ImageSourcePolicy) -> tuple[list[ChatTurn], list[bytes]]:
-    """Validate OpenAI chat ``messages``; return their turns and the images' bytes, in order."""
+def to_turns(
+    messages: Any, policy: ImageSourcePolicy
+) -> tuple[list[ChatTurn], list[bytes | VideoSource]]:
+    """Validate OpenAI chat ``messages``; return their turns and their visual items in order
+    (an image's bytes, or a ``VideoSource``)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {role, content} objects")
     turns: list[ChatTurn] = []
-    images: list[bytes] = []
+    images: list[bytes | VideoSource] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -167,7 +201,7 @@ def to_turns(messages: Any, policy: ImageSourcePolicy) -> tuple[list[ChatTurn], 
 
 
 def _parts(
-    content: Any, where: str, images: list[bytes], policy: ImageSourcePolicy
+    content: Any, where: str, images: list[bytes | VideoSource], policy: ImageSourcePolicy
 ) -> list[ContentPart]:
     if isinstance(content, str):
         return [ContentPart(kind="text", text=_text(content, f"{where}.content"))]
@@ -184,7 +218,9 @@ def _text(value: str, where: str) -> str:
     return check_text(value, where)
 
 
-def _part(part: Any, where: str, images: list[bytes], policy: ImageSourcePolicy) -> ContentPart:
+def _part(
+    part: Any, where: str, images: list[bytes | VideoSource], policy: ImageSourcePolicy
+) -> ContentPart:
     if not isinstance(part, dict):
         raise ValueError(f"{where} must be an object")
     kind = part.get("type")
@@ -192,29 +228,84 @@ def _part(part: Any, where: str, images: list[bytes], policy: ImageSourcePolicy)
         if not isinstance(part.get("text"), str):
             raise ValueError(f"{where}.text must be a string")
         return ContentPart(kind="text", text=_text(part["text"], f"{where}.text"))
+    if kind not in ("image_url", "image", "video_url", "video"):
+        shown = ascii(kind)[:40]
+        raise ValueError(f"{where}.type must be 'text', 'image_url', 'image', 'video_url' or "
+                         f"'video', got {shown}")  # fmt: skip
+    if len(images) >= policy.max_images:
+        raise ValueError(f"too many images and videos: more than {policy.max_images} in one "
+                         "request")  # fmt: skip
     if kind in ("image_url", "image"):
-        ref = part.get(kind)
-        url = ref.get("url") if isinstance(ref, dict) else ref
-        if not isinstance(url, str):
-            raise ValueError(f"{where}.{kind} must carry a URL string")
-        if len(images) >= policy.max_images:
-            raise ValueError(f"too many images: more than {policy.max_images} in one request")
-        images.append(source_bytes(url, policy, f"{where}.{kind}"))
+        images.append(source_bytes(_url(part.get(kind), f"{where}.{kind}"), policy,
+                                   f"{where}.{kind}"))  # fmt: skip
         return ContentPart(kind="image", image=len(images) - 1)
-    shown = ascii(kind)[:40]
-    raise ValueError(f"{where}.type must be 'text', 'image_url' or 'image', got {shown}")
+    images.append(_video(part, kind, f"{where}.{kind}", policy))
+    return ContentPart(kind="video", image=len(images) - 1)
+
+
+def _url(ref: Any, where: str) -> str:
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str):
+        raise ValueError(f"{where} must carry a URL string")
+    return url
+
+
+def _video(part: dict[str, Any], kind: str, where: str, policy: ImageSourcePolicy) -> VideoSource:
+    """``video_url`` (a container: ``data:video/...`` URL or local path), or ``video`` with
+    either such a URL or the list of frames a client sampled (image URLs). Sampling options
+    ``fps`` and ``max_frames`` may sit beside the URL (``{"url": ..., "fps": 1}``)."""
+    ref = part.get(kind)
+    options = ref if isinstance(ref, dict) else part
+    fps = sampling_fps(options.get("fps"), f"{where}.fps")
+    max_frames = sampling_max_frames(options.get("max_frames"), f"{where}.max_frames")
+    if kind == "video" and isinstance(ref, list):
+        if not 1 <= len(ref) <= MAX_VIDEO_FRAMES:
+            raise ValueError(f"{where} must list 1..{MAX_VIDEO_FRAMES} frames, got {len(ref)}")
+        frames, left = [], policy.max_bytes
+        for j, frame in enumerate(ref):
+            if not isinstance(frame, str) or left < 1:
+                raise ValueError(f"{where}[{j}] must be an image URL string, and the frames "
+                                 f"at most {policy.max_bytes} bytes in all")  # fmt: skip
+            frames.append(source_bytes(frame, policy, f"{where}[{j}]", max_bytes=left))
+            left -= len(frames[-1])
+        return VideoSource(frames=tuple(frames), fps=fps, max_frames=max_frames)
+    data = source_bytes(_url(ref, where), policy, where, media="video")
+    return VideoSource(data=data, fps=fps, max_frames=max_frames)
+
+
+def sampling_fps(value: Any, where: str) -> float | None:
+    """A client's frames-a-second for sampling a video: None, or a number in (0, MAX_FPS]."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0 < value <= MAX_FPS or value != value:
+        raise ValueError(f"{where} must be a number in (0, {MAX_FPS:g}], got {ascii(value)[:40]}")
+    return float(value)
+
+
+def sampling_max_frames(value: Any, where: str) -> int | None:
+    """A client's cap on a video's sampled frames: None, or an integer in 2..MAX_VIDEO_FRAMES."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= MAX_VIDEO_FRAMES:
+        raise ValueError(f"{where} must be an integer in 2..{MAX_VIDEO_FRAMES}, got "
+                         f"{ascii(value)[:40]}")  # fmt: skip
+    return value
 
 
 def to_messages(turns: list[ChatTurn], images: list[Any]) -> list[dict[str, Any]]:
-    """Turns back into OpenAI-style messages, image parts as ``{"type": "image", "image": x}``
-    with ``x = images[part.image]`` (bytes, or whatever the caller decoded them into)."""
+    """Turns back into OpenAI-style messages, visual parts as ``{"type": "image", "image": x}``
+    (``"video"`` for a video) with ``x = images[part.image]`` (bytes, or whatever the caller
+    decoded them into)."""
     return [
         {
             "role": turn.role,
             "content": [
                 {"type": "text", "text": p.text}
                 if p.kind == "text"
-                else {"type": "image", "image": images[p.image]}
+                else {"type": p.kind, p.kind: images[p.image]}
                 for p in turn.parts
             ],
         }

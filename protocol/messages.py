@@ -21,15 +21,17 @@ timeout has passed since).
 
 from __future__ import annotations
 
+import itertools
 from typing import Annotated, Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 3  # 3: one EncodeJob per image carries its blocks; no AllocRequest/AllocGrant
+PROTOCOL_VERSION = 4  # 4: an EncodeJob may carry a video (frames); 3: one job per image with blocks
 
 MAX_SEQ_TOKENS = 1 << 20  # prompt tokens in one request
 MAX_IMAGES = 64  # images in one request
-MAX_IMAGE_BYTES = 64 << 20  # one encoded image (PNG/JPEG/...)
+MAX_IMAGE_BYTES = 64 << 20  # one encoded image (PNG/JPEG/...), or one video with all its frames
+MAX_VIDEO_FRAMES = 4096  # frames sampled from one video
 MAX_TEXT = 1 << 22  # characters in one text part
 MAX_BLOCKS = 1 << 20  # blocks in one grant
 MAX_HIDDEN = 1 << 16
@@ -69,9 +71,10 @@ def _check(cond: bool, reason: str) -> None:
 
 
 class ContentPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One part of a chat turn: text, or a reference to the request's ``images[image]``."""
+    """One part of a chat turn: text, or a reference to the request's visual item ``image``
+    (its images and videos share one list, in prompt order: ``kind`` says which it is)."""
 
-    kind: Literal["text", "image"]
+    kind: Literal["text", "image", "video"]
     text: Annotated[str, msgspec.Meta(max_length=MAX_TEXT)] = ""
     image: Annotated[int, msgspec.Meta(ge=-1, lt=MAX_IMAGES)] = -1
 
@@ -90,11 +93,15 @@ Grid = Annotated[
 
 
 class EncodeJob(Message, frozen=True, kw_only=True, tag="job"):
-    """Encode image ``image`` of request ``rid`` and write its rows into the lent blocks.
+    """Encode visual item ``image`` of request ``rid`` and write its rows into the lent blocks.
 
-    The language side read the image's size from its header and computed ``grid`` ([t, h, w]
-    patches) and ``n_tokens`` (visual rows) with the image processor's own resize rule; the
-    encoder refuses the job when its preprocessing disagrees. Row ``r`` of the image lands in
+    An image: ``data`` is its encoded bytes. A video (``is_video``): either ``data`` is its
+    container and ``frames`` the container frame indices to sample (increasing, in decode
+    order), or ``frame_data`` holds the frames the client sampled, each an encoded image
+    (``data`` then empty). The language side read the size from the header (container
+    metadata for a video) and computed ``grid`` ([t, h, w] patches) and ``n_tokens`` (visual
+    rows) with the image (video) processor's own resize rule; the encoder refuses the job when
+    its preprocessing disagrees. Row ``r`` of the image lands in
     block ``blocks[r // block_tokens]``, at ``embed_addrs[i]`` / ``deepstack_addrs[i]`` of
     ``session``. ``generation`` is a fresh random nonce per lending: the done message must
     carry it back, so a late message can never claim blocks lent again since.
@@ -102,7 +109,12 @@ class EncodeJob(Message, frozen=True, kw_only=True, tag="job"):
 
     rid: Rid
     image: ImageIndex = 0
-    data: Annotated[bytes, msgspec.Meta(min_length=1, max_length=MAX_IMAGE_BYTES)]
+    data: Annotated[bytes, msgspec.Meta(max_length=MAX_IMAGE_BYTES)]
+    frames: Annotated[list[U32], msgspec.Meta(max_length=MAX_VIDEO_FRAMES)] = []
+    frame_data: Annotated[
+        list[Annotated[bytes, msgspec.Meta(min_length=1, max_length=MAX_IMAGE_BYTES)]],
+        msgspec.Meta(max_length=MAX_VIDEO_FRAMES),
+    ] = []
     grid: Grid
     n_tokens: Annotated[int, msgspec.Meta(ge=1, le=MAX_SEQ_TOKENS)]
     hidden: Hidden
@@ -125,6 +137,16 @@ class EncodeJob(Message, frozen=True, kw_only=True, tag="job"):
         _check(n == need, f"{n} blocks lent for {self.n_tokens} tokens, need {need}")
         t, h, w = self.grid
         _check(t * h * w >= self.n_tokens, "grid holds fewer patches than visual tokens")
+        _check(bool(self.data) != bool(self.frame_data), "exactly one of data and frame_data")
+        _check(not (self.frames and self.frame_data), "frames index a container, not frame_data")
+        _check(all(a < b for a, b in itertools.pairwise(self.frames)),
+               "frame indices must increase")  # fmt: skip
+        _check(sum(map(len, self.frame_data)) <= MAX_IMAGE_BYTES,
+               f"frames larger than {MAX_IMAGE_BYTES} bytes in all")  # fmt: skip
+
+    @property
+    def is_video(self) -> bool:
+        return bool(self.frames or self.frame_data)
 
 
 class Abort(Message, frozen=True, kw_only=True, tag="abort"):
@@ -147,7 +169,8 @@ class EncodeTimings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where the encoder spent one job's time (seconds), for TTFT breakdowns."""
 
     queue_s: Seconds = 0.0  # EncodeJob read off the socket -> preprocessing starts
-    preprocess_s: Seconds = 0.0  # image decode, resize, patches
+    preprocess_s: Seconds = 0.0  # image (video) decode, resize, patches
+    decode_s: Seconds = 0.0  # of preprocess_s: the decode alone (a video's frames)
     vision_s: Seconds = 0.0  # the ViT forward of the batch this job was in
     transfer_s: Seconds = 0.0  # submit -> transport reports DONE
     vision_cached: bool = False  # the rows came from the encoder's cache: no decode, no ViT

@@ -86,3 +86,45 @@ def encode_image():
         return buf.getvalue()
 
     return encode
+
+
+@pytest.fixture(scope="session")
+def make_video():
+    """``make_video(frames, height, width, fps=4, seed=0, codec="mpeg4", fmt="mp4")``: the
+    bytes of a video of random frames encoded with PyAV (a lossless ``ffv1`` in ``mkv`` works
+    too); each frame differs, so a wrong frame or order changes the rows."""
+    return video_bytes
+
+
+def video_bytes(frames: int, height: int, width: int, fps: int = 4, seed: int = 0,
+                codec: str = "mpeg4", fmt: str = "mp4") -> bytes:  # fmt: skip
+    import io
+
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            pixels = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+            pixels = pixels.repeat(8, 0).repeat(8, 1)  # blocks: survives lossy coding
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def decoded_frames(data: bytes):
+    """Every frame of ``data`` as transformers' PyAV loader reads them: [T, H, W, 3] uint8."""
+    import io
+
+    import av
+    import numpy as np
+
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

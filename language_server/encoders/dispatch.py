@@ -109,7 +109,10 @@ class Dispatcher:
 
     def _send(self, lease: Lease) -> bool:
         spec = lease.request.prompt.images[lease.image]
-        job = self.receiver.job(lease, spec.data, list(spec.grid))
+        video = spec.kind == "video"
+        job = self.receiver.job(lease, spec.data, list(spec.grid),
+                                list(spec.frames) if video and spec.data else None,
+                                list(spec.frame_data) if video else None)  # fmt: skip
         while (link := self.encoders.pick(self._holder(lease.content_key))) is not None:
             if link.send(job):
                 self.receiver.sent(lease, link)

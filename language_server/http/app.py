@@ -224,7 +224,7 @@ async def _complete(
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "finish_reason": req.timings.get("finish_reason", "stop")}],
         "usage": usage,
-        "epd": {"token_ids": list(ids), "timings": _public(req.timings)},
+        "epd": _epd(req, ids),
     }  # fmt: skip
 
 
@@ -257,7 +257,7 @@ async def _sse(
             return
         usage = _finish(metrics, run, ids)
         outcome = ""  # counted as 200 by _finish
-        extra = {"epd": {"token_ids": ids, "timings": _public(req.timings)}}
+        extra = {"epd": _epd(req, ids)}
         yield chunk({}, req.timings.get("finish_reason", "stop"), **extra)
         if req.include_usage:
             yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
@@ -278,6 +278,16 @@ def _cache(cache: Any) -> dict[str, Any]:
     return {"image_cache": True, "resident_images": len(cache), "resident_blocks": cache.blocks,
             "idle_resident_blocks": cache.idle_blocks, "image_cache_max_blocks": cache.max_blocks,
             "image_cache_hits": cache.hits, "image_cache_misses": cache.misses}  # fmt: skip
+
+
+def _epd(req: Any, ids: list[int]) -> dict[str, Any]:
+    """Our extension of a response: token ids, timings, and each video's sampled frame indices
+    (so a client can reproduce what the model saw)."""
+    out: dict[str, Any] = {"token_ids": list(ids), "timings": _public(req.timings)}
+    videos = req.prompt.video_frame_indices if req.prompt is not None else []
+    if videos:
+        out["video_frame_indices"] = videos
+    return out
 
 
 def _public(timings: dict[str, Any]) -> dict[str, Any]:

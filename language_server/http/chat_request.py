@@ -13,12 +13,19 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import protocol as P
 from language_server.engines.base import SamplingParams
-from protocol.chat import ImageSourcePolicy, check_text, to_turns
+from protocol.chat import (
+    ImageSourcePolicy,
+    VideoSource,
+    check_text,
+    sampling_fps,
+    sampling_max_frames,
+    to_turns,
+)
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 MAX_STOPS, MAX_STOP_CHARS = 4, 256
@@ -31,7 +38,7 @@ GREEDY_BELOW = 1e-5  # a smaller temperature samples greedily (as vLLM does): lo
 class ChatRequest:
     rid: str
     turns: list[P.ChatTurn]
-    images: list[bytes]
+    images: list[bytes | VideoSource]  # visual items in prompt order: images and videos
     params: SamplingParams
     stream: bool
     stop: tuple[str, ...] = ()
@@ -95,6 +102,7 @@ def parse_chat_request(
     if model is not None:
         check_text(model, "model")
     turns, images = to_turns(body.get("messages"), policy)
+    images = _video_defaults(body, images)
     params = SamplingParams(
         max_new_tokens=_max_tokens(body, max_new_tokens),
         temperature=_temperature(body),
@@ -110,6 +118,26 @@ def parse_chat_request(
         include_usage=_flag(options, "include_usage", False, "stream_options.include_usage"),
         add_generation_prompt=_flag(body, "add_generation_prompt", True), model=model,
     )  # fmt: skip
+
+
+def _video_defaults(
+    body: dict[str, Any], images: list[bytes | VideoSource]
+) -> list[bytes | VideoSource]:
+    """Videos' sampling options from ``mm_processor_kwargs`` (as vLLM names it) where a video
+    part did not set its own."""
+    kwargs = _optional(body, "mm_processor_kwargs", dict) or {}
+    unknown = sorted(set(kwargs) - {"fps", "max_frames"})
+    if unknown:
+        raise ValueError(f"mm_processor_kwargs: only fps and max_frames are supported, got "
+                         f"{_show(unknown)}")  # fmt: skip
+    fps = sampling_fps(kwargs.get("fps"), "mm_processor_kwargs.fps")
+    most = sampling_max_frames(kwargs.get("max_frames"), "mm_processor_kwargs.max_frames")
+    return [
+        replace(item, fps=item.fps if item.fps is not None else fps,
+                max_frames=item.max_frames if item.max_frames is not None else most)
+        if isinstance(item, VideoSource) else item
+        for item in images
+    ]  # fmt: skip
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:

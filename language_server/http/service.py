@@ -120,12 +120,15 @@ class ChatService:
         req.timings["transfer_bytes"] = (n_vis - prompt.cached_tokens) * per_token
         req.timings["cached_images"] = prompt.cached_images  # served from resident rows
         req.timings["encoder_cached_images"] = prompt.encoder_cached_images  # sent, no ViT
-        req.timings["images"] = len(req.prompt.images)
+        req.timings["images"] = sum(spec.kind == "image" for spec in req.prompt.images)
         req.timings["cache_saved_bytes"] = prompt.cached_tokens * per_token
         lent = req.marks.get("lent", req.marks["start"])
         req.timings.update(block_wait_s=max(0.0, lent - req.marks["start"]), queue_s=t.queue_s,
                            preprocess_s=t.preprocess_s, vision_s=t.vision_s,
                            transfer_s=t.transfer_s)  # fmt: skip
+        if any(spec.kind == "video" for spec in req.prompt.images):
+            req.timings["videos"] = len(req.prompt.video_frame_indices)
+            req.timings["decode_s"] = t.decode_s  # part of preprocess_s
         return self.engine.job_for_image(prompt, req.params, emit)
 
     async def tokens(self, run: Running) -> AsyncGenerator[int, None]:

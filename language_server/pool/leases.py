@@ -37,7 +37,7 @@ class ReceivedPrompt:
     visual_mask: torch.Tensor  # [seq] bool
     embeds: torch.Tensor | None  # [n_vis, H]
     deepstack: torch.Tensor | None  # [n_vis, 3H]
-    image_grid_thw: torch.Tensor  # [n_images, 3]
+    image_grid_thw: torch.Tensor  # [n_images, 3] (images only)
     timings: P.EncodeTimings  # of the image that finished last (the critical path)
     n_visual: int = 0  # visual rows in all
     pool_runs: list[tuple[int, int]] | None = None
@@ -48,6 +48,10 @@ class ReceivedPrompt:
     # image cache is on): the SGLang engine derives its multimodal hash from them. Empty: never.
     content_keys: tuple[bytes, ...] = ()
     encoder_cached_images: int = 0  # images an encoder served from its own cache (no ViT)
+    video_grid_thw: torch.Tensor | None = None  # [n_videos, 3]
+    kinds: tuple[str, ...] = ()  # each visual item's kind ("image" / "video"), prompt order
+    item_rows: tuple[int, ...] = ()  # each visual item's rows, prompt order
+    item_runs: tuple[list[tuple[int, int]], ...] = ()  # ``pool_runs`` of each visual item
 
 
 class LeaseState(enum.Enum):

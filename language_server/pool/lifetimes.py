@@ -64,19 +64,23 @@ class Lifetimes:
         keys = tuple(x.content_key for x in req.leases)
         keys = keys if self.cache is not None and all(keys) else ()
         from_encoder_cache = sum(1 for x in req.leases if x.timings and x.timings.vision_cached)
+        kinds = tuple(spec.kind for spec in prompt.images)
+        rows = tuple(x.n_tokens for x in req.leases)
         last = max(req.leases, key=lambda x: _total(x.timings))
         if not self.local:
             self.handed[req.rid] = req
-            runs = [
-                r for x in req.leases for r in self.buffers.block_rows(x.blocks or [], x.n_tokens)
-            ]
+            item_runs = tuple(self.buffers.block_rows(x.blocks or [], x.n_tokens)
+                              for x in req.leases)  # fmt: skip
             ready = ReceivedPrompt(
                 input_ids=prompt.input_ids, positions=prompt.positions,
                 visual_mask=prompt.visual_mask, embeds=None, deepstack=None,
                 image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
-                pool_runs=runs, n_visual=sum(x.n_tokens for x in req.leases),
+                pool_runs=[r for runs in item_runs for r in runs],
+                n_visual=sum(x.n_tokens for x in req.leases),
                 release=lambda: self.release(req), cached_images=n_cached, cached_tokens=cached_tokens,
                 content_keys=keys, encoder_cached_images=from_encoder_cache,
+                video_grid_thw=prompt.video_grid_thw, kinds=kinds, item_runs=item_runs,
+                item_rows=rows,
             )  # fmt: skip
             req.on_ready(ready, None)  # the engine calls ``release`` once done with the rows
             return
@@ -93,6 +97,7 @@ class Lifetimes:
             image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
             n_visual=embeds.shape[0], cached_images=n_cached, cached_tokens=cached_tokens,
             content_keys=keys, encoder_cached_images=from_encoder_cache,
+            video_grid_thw=prompt.video_grid_thw, kinds=kinds, item_rows=rows,
         )  # fmt: skip
         try:
             req.on_ready(ready, None)  # the engine copies the rows it needs before returning

@@ -155,12 +155,15 @@ class Receiver(Arrivals):
             self._complete(pending)  # every image resident: nothing to wait for
         return True
 
-    def job(self, lease: Lease, data: bytes, grid: list[int]) -> P.EncodeJob:
-        """The EncodeJob for ``lease`` (which holds blocks and a generation)."""
+    def job(self, lease: Lease, data: bytes, grid: list[int], frames: list[int] | None = None,
+            frame_data: list[bytes] | None = None) -> P.EncodeJob:  # fmt: skip
+        """The EncodeJob for ``lease`` (which holds blocks and a generation); a video's
+        sampled ``frames`` of the container ``data``, or its client-sampled ``frame_data``."""
         assert lease.blocks is not None
         where = self.buffers.describe(lease.blocks)
         return P.EncodeJob(
             rid=lease.request.rid, image=lease.image, data=data, grid=grid,
+            frames=frames or [], frame_data=frame_data or [],
             n_tokens=lease.n_tokens, hidden=self.buffers.hidden, dtype=self.dtype,  # type: ignore[arg-type]
             generation=lease.generation, session=where.session, block_tokens=where.block_tokens,
             blocks=lease.blocks, embed_addrs=where.embed_addrs, deepstack_addrs=where.deepstack_addrs,

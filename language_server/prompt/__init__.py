@@ -2,6 +2,8 @@
 from its header, never decoding pixels) and M-RoPE positions ``[3, seq]``.
 
 - ``builder.py``: ``PromptBuilder``, ``PromptLimits``, ``PromptError``.
+- ``video.py``: a video's sampled frames, grid, timestamps and prompt text from its metadata.
+- ``container.py``: a video container's metadata (PyAV, no frame decoded).
 
 Imports none of the other subpackages.
 """

@@ -4,8 +4,11 @@
 every prompt, text-only included), tokenizes it, reads each image's size from its header only
 (EXIF orientation honoured as the encoder's ``ImageOps.exif_transpose`` will), asks the image
 processor's own resize rule for the patch grid, expands each ``<|image_pad|>`` to the image's
-visual-token count and computes M-RoPE positions with transformers' ``get_rope_index``. Every
-limit is checked here, before any encoder work: ``PromptError`` carries 400 or 413.
+visual-token count and computes M-RoPE positions with transformers' ``get_rope_index``. A video
+(``VideoSource``) is planned from its container's metadata (``container.probe``) or its frames'
+headers (``video.plan_video``): its sampled frames, grid and timestamps; its ``<|video_pad|>``
+becomes the timestamp text and vision tokens per temporal group that transformers' processor
+writes. Every limit is checked here, before any encoder work: ``PromptError`` carries 400 or 413.
 
 No pixel is decoded and no ViT runs on this side. ``build`` keeps no state between calls besides
 the tokenizer, so it may run in a worker thread.
@@ -16,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,9 @@ from transformers import AutoConfig, AutoProcessor, Qwen3VLMoeConfig
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
 
-from protocol.chat import to_messages
+from language_server.prompt.container import probe
+from language_server.prompt.video import VideoPlan, VideoRules, plan_video
+from protocol.chat import VideoSource, to_messages
 from protocol.messages import ChatTurn
 
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose width and height
@@ -47,24 +52,31 @@ class PromptLimits:
     max_prompt_tokens: int = 32768
     max_images: int = 16
     max_image_pixels: int = 64 * 1024 * 1024  # width * height of one image, from its header
-    max_image_tokens: int = 16384  # visual tokens of one image
+    max_image_tokens: int = 16384  # visual tokens of one image (or video)
+    max_video_frames: int = 65536  # frames in one video's container
+    max_video_seconds: float = 4 * 3600.0  # one video's duration (frames / rate)
 
     def __post_init__(self) -> None:
         sizes = (self.max_prompt_tokens, self.max_images, self.max_image_pixels,
-                 self.max_image_tokens)  # fmt: skip
-        if min(sizes) < 1:
+                 self.max_image_tokens, self.max_video_frames, self.max_video_seconds)  # fmt: skip
+        if min(sizes) <= 0:
             raise ValueError(f"prompt limits must be positive, got {self}")
 
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image of a prompt: its bytes (untouched) and the grid the encoder must produce."""
+    """One visual item of a prompt (an image, or a video: ``kind``): its bytes (untouched) and
+    the grid the encoder must produce."""
 
-    data: bytes
+    data: bytes  # an image's bytes, or a video's container (empty for client-sampled frames)
     grid: tuple[int, int, int]  # (t, h, w) in patches
     n_tokens: int  # t * h * w // merge**2
-    offset: int  # first row of this image among the prompt's visual rows
+    offset: int  # first row of this item among the prompt's visual rows
     content_key: bytes = b""  # SHA-256 over the row settings and the bytes (``image_key``)
+    kind: str = "image"  # or "video"
+    frames: tuple[int, ...] = ()  # a video's sampled frame indices (client frames: 0..n-1)
+    frame_data: tuple[bytes, ...] = ()  # a video sent as frames: each one's encoded bytes
+    plan: VideoPlan | None = None  # a video's frames, grid and timestamps
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,23 @@ class PreparedPrompt:
 
     @property
     def image_grid_thw(self) -> torch.Tensor:
-        return torch.tensor([image.grid for image in self.images], dtype=torch.long).reshape(-1, 3)
+        """[n_images, 3]: the images' grids (not the videos')."""
+        return _grids(self.images, "image")
+
+    @property
+    def video_grid_thw(self) -> torch.Tensor:
+        """[n_videos, 3]: the videos' grids."""
+        return _grids(self.images, "video")
+
+    @property
+    def video_frame_indices(self) -> list[list[int]]:
+        """Each video's sampled frame indices, in prompt order."""
+        return [list(spec.frames) for spec in self.images if spec.kind == "video"]
+
+
+def _grids(items: tuple[ImageSpec, ...], kind: str) -> torch.Tensor:
+    grids = [spec.grid for spec in items if spec.kind == kind]
+    return torch.tensor(grids, dtype=torch.long).reshape(-1, 3)
 
 
 class _RopeIndex:
@@ -112,9 +140,11 @@ class PromptBuilder:
         self.config = config
         self.limits = limits or PromptLimits()
         self._images = processor.image_processor
+        self.video_rules = VideoRules.from_processor(processor.video_processor)
         self._rope = _RopeIndex(config)
         self.image_token_id = config.image_token_id
         self._vision_ids = _vision_token_ids(processor.tokenizer, config)
+        self.video_token_id = self._vision_ids[1]
         # No token is longer than this many UTF-8 bytes, so a text of B bytes has at least
         # B / this many tokens: a prompt that long is refused before tokenizing it (a 10 MB
         # prompt would otherwise hold the GIL for about a second while its ids become tensors).
@@ -126,7 +156,7 @@ class PromptBuilder:
             or 1
         )
         self.merge_size = int(self._images.merge_size)
-        self.key_salt = _key_salt(self._images, config, rows_dtype)
+        self.key_salt = _key_salt(processor, config, rows_dtype)
         if self.merge_size != config.vision_config.spatial_merge_size:  # type: ignore[union-attr]
             raise ValueError("the image processor's merge_size differs from the model's")
 
@@ -142,26 +172,89 @@ class PromptBuilder:
         return self.processor.tokenizer
 
     def build(
-        self, turns: list[ChatTurn], images: list[bytes], add_generation_prompt: bool = True
+        self,
+        turns: list[ChatTurn],
+        images: list[bytes | VideoSource],
+        add_generation_prompt: bool = True,
     ) -> PreparedPrompt:
-        """Validate and prepare one prompt. PromptError (400 / 413) on anything not served."""
+        """Validate and prepare one prompt whose visual items (``images``: an image's bytes or
+        a ``VideoSource``) are in prompt order. PromptError (400 / 413) on anything not served."""
         if len(images) > self.limits.max_images:
-            raise PromptError(f"too many images: {len(images)}, at most {self.limits.max_images}")
-        _check_image_order(turns, len(images))
-        shapes = [self._grid(data, k) for k, data in enumerate(images)]
-        ids = self._tokenize(turns, len(images), add_generation_prompt)
-        input_ids = self._expand(ids, [n for _, n in shapes])
+            raise PromptError(f"too many images and videos: {len(images)}, at most "
+                              f"{self.limits.max_images}")  # fmt: skip
+        _check_image_order(turns, images)
+        specs, offset = [], 0
+        for k, item in enumerate(images):
+            spec = self._video(item, k) if isinstance(item, VideoSource) else self._image(item, k)
+            specs.append(replace(spec, offset=offset))
+            offset += spec.n_tokens
+        ids = self._tokenize(turns, images, add_generation_prompt)
+        input_ids = self._expand(ids, specs)
         if len(input_ids) > self.limits.max_prompt_tokens:
             raise PromptError(f"prompt has {len(input_ids)} tokens, the limit is "
                               f"{self.limits.max_prompt_tokens}", 400)  # fmt: skip
-        specs, offset = [], 0
-        for data, (grid, n) in zip(images, shapes, strict=True):
-            specs.append(ImageSpec(data=data, grid=grid, n_tokens=n, offset=offset,
-                                   content_key=image_key(self.key_salt, data)))  # fmt: skip
-            offset += n
-        visual_mask = input_ids == self.image_token_id
-        positions, delta = self._positions(input_ids, visual_mask, [g for g, _ in shapes])
-        return PreparedPrompt(input_ids, positions, delta, visual_mask, tuple(specs))
+        images_mask, videos_mask = (
+            input_ids == self.image_token_id,
+            input_ids == self.video_token_id,
+        )
+        token_types = images_mask.long() + 2 * videos_mask.long()  # transformers' 1 / 2
+        prompt = PreparedPrompt(input_ids, input_ids, 0, images_mask | videos_mask, tuple(specs))
+        positions, delta = self._positions(input_ids, token_types, prompt)
+        return replace(prompt, positions=positions, mrope_delta=delta)
+
+    def _image(self, data: bytes, k: int) -> ImageSpec:
+        grid, n = self._grid(data, k)
+        return ImageSpec(data=data, grid=grid, n_tokens=n, offset=0,
+                         content_key=image_key(self.key_salt, data))  # fmt: skip
+
+    def _video(self, video: VideoSource, k: int) -> ImageSpec:
+        """A video's spec from its container's metadata, or from its frames' headers."""
+        rules = self.video_rules
+        if video.max_frames is not None:
+            rules = replace(rules, max_frames=min(rules.max_frames, video.max_frames))
+        try:
+            if video.frames:
+                if len(video.frames) > rules.max_frames:
+                    raise PromptError(f"video {k} has {len(video.frames)} frames, at most "
+                                      f"{rules.max_frames}")  # fmt: skip
+                sizes = {_header_size(f, k) for f in video.frames}
+                if len(sizes) != 1:
+                    raise PromptError(f"the frames of video {k} differ in size: {sorted(sizes)}")
+                ((width, height),) = sizes
+                n = len(video.frames)
+                self._check_frame_size(width, height, k)
+                plan = plan_video(rules, n, video.fps or rules.fps, height, width, num_frames=n)
+            else:
+                plan = self._container_plan(video, rules, k)
+        except ValueError as exc:
+            if isinstance(exc, PromptError):
+                raise
+            raise PromptError(f"video {k}: {exc}") from None
+        if plan.n_tokens > self.limits.max_image_tokens:
+            raise PromptError(f"video {k} needs {plan.n_tokens} visual tokens, the limit is "
+                              f"{self.limits.max_image_tokens}", 413)  # fmt: skip
+        return ImageSpec(data=video.data, grid=plan.grid, n_tokens=plan.n_tokens, offset=0,
+                         content_key=video_key(self.key_salt, video, plan), kind="video",
+                         frames=plan.frame_indices, frame_data=video.frames, plan=plan)  # fmt: skip
+
+    def _container_plan(self, video: VideoSource, rules: VideoRules, k: int) -> VideoPlan:
+        meta = probe(video.data, self.limits.max_video_frames)
+        if meta.total_frames > self.limits.max_video_frames:
+            raise PromptError(f"video {k} has {meta.total_frames} frames, the limit is "
+                              f"{self.limits.max_video_frames}", 413)  # fmt: skip
+        if meta.seconds > self.limits.max_video_seconds:
+            raise PromptError(f"video {k} lasts {meta.seconds:.0f} s, the limit is "
+                              f"{self.limits.max_video_seconds:.0f} s", 413)  # fmt: skip
+        self._check_frame_size(meta.width, meta.height, k)
+        return plan_video(rules, meta.total_frames, meta.fps, meta.height, meta.width,
+                          fps=video.fps)  # fmt: skip
+
+    def _check_frame_size(self, width: int, height: int, k: int) -> None:
+        if width < 1 or height < 1:
+            raise PromptError(f"video {k} has zero size ({width}x{height})")
+        if width * height > self.limits.max_image_pixels:
+            raise PromptError(f"video {k} has {width * height} pixels a frame, the limit is "
+                              f"{self.limits.max_image_pixels}", 413)  # fmt: skip
 
     def _grid(self, data: bytes, k: int) -> tuple[tuple[int, int, int], int]:
         """(grid, visual tokens) of image ``k`` from its header, by the image processor's rule."""
@@ -185,10 +278,11 @@ class PromptBuilder:
                               f"{self.limits.max_image_tokens}", 413)  # fmt: skip
         return grid, n
 
-    def _tokenize(self, turns: list[ChatTurn], n_images: int, add_generation_prompt: bool):
+    def _tokenize(self, turns: list[ChatTurn], images: list[Any], add_generation_prompt: bool):
         messages = [
-            {**m, "content": [{"type": "image"} if p["type"] == "image" else p for p in m["content"]]}
-            for m in to_messages(turns, [None] * n_images)
+            {**m, "content": [p if p["type"] == "text" else {"type": p["type"]}
+                              for p in m["content"]]}
+            for m in to_messages(turns, [None] * len(images))
         ]  # fmt: skip
         text = self.processor.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -202,27 +296,51 @@ class PromptBuilder:
             raise PromptError(f"prompt has {len(ids)} tokens, the limit is "
                               f"{self.limits.max_prompt_tokens}", 400)  # fmt: skip
         ids = torch.tensor(ids, dtype=torch.long)
+        n_videos = sum(isinstance(x, VideoSource) for x in images)
+        n_images = len(images) - n_videos
         image_pad, video_pad, start, end = (int((ids == t).sum()) for t in self._vision_ids)
-        if (image_pad, video_pad, start, end) != (n_images, 0, n_images, n_images):
+        if (image_pad, video_pad, start, end) != (n_images, n_videos, len(images), len(images)):
             raise PromptError(
                 f"vision tokens typed in text: the prompt holds {image_pad} image pad, "
                 f"{video_pad} video pad, {start} vision start and {end} vision end tokens "
-                f"for {n_images} images"
+                f"for {n_images} images and {n_videos} videos"
             )
         return ids
 
-    def _expand(self, ids: torch.Tensor, n_tokens: list[int]) -> torch.Tensor:
-        repeats = torch.ones_like(ids)
-        repeats[ids == self.image_token_id] = torch.tensor(n_tokens, dtype=ids.dtype)
-        return torch.repeat_interleave(ids, repeats)
+    def _expand(self, ids: torch.Tensor, specs: list[ImageSpec]) -> torch.Tensor:
+        """Each image pad repeated to its rows; each video pad replaced by what transformers'
+        processor writes for it: per temporal group, ``<t seconds>``, vision start, its pads,
+        vision end (the template's own start and end stay around them)."""
+        pieces, last = [], 0
+        visual = ((ids == self.image_token_id) | (ids == self.video_token_id)).nonzero()
+        for (at,), spec in zip(visual.tolist(), specs, strict=True):
+            pieces.append(ids[last:at])
+            if spec.kind == "image":
+                pieces.append(ids.new_full((spec.n_tokens,), self.image_token_id))
+            else:
+                assert spec.plan is not None
+                pieces.append(self._video_ids(spec.plan))
+            last = at + 1
+        pieces.append(ids[last:])
+        return torch.cat(pieces)
+
+    def _video_ids(self, plan: VideoPlan) -> torch.Tensor:
+        # Special tokens split BPE, so each timestamp tokenizes as it does inside the whole text.
+        stamps = self.tokenizer([f"<{t:.1f} seconds>" for t in plan.timestamps],
+                                add_special_tokens=False)["input_ids"]  # fmt: skip
+        _, pad, start, end = self._vision_ids
+        group = [start] + [pad] * plan.tokens_per_group + [end]
+        return torch.tensor([i for stamp in stamps for i in [*stamp, *group]], dtype=torch.long)
 
     def _positions(
-        self, input_ids: torch.Tensor, visual_mask: torch.Tensor, grids: list[tuple[int, int, int]]
+        self, input_ids: torch.Tensor, token_types: torch.Tensor, prompt: PreparedPrompt
     ) -> tuple[torch.Tensor, int]:
+        images, videos = prompt.image_grid_thw, prompt.video_grid_thw
         positions, deltas = self._rope.get_rope_index(  # type: ignore[misc]  # a borrowed method
             input_ids[None],  # type: ignore[arg-type]
-            mm_token_type_ids=visual_mask.long()[None],  # type: ignore[arg-type]
-            image_grid_thw=torch.tensor(grids, dtype=torch.long) if grids else None,  # type: ignore[arg-type]
+            mm_token_type_ids=token_types[None],  # type: ignore[arg-type]
+            image_grid_thw=images if len(images) else None,  # type: ignore[arg-type]
+            video_grid_thw=videos if len(videos) else None,  # type: ignore[arg-type]
         )
         return positions[:, 0].contiguous(), int(deltas.reshape(-1)[0])
 
@@ -237,10 +355,12 @@ def _vision_token_ids(tokenizer: Any, config: Qwen3VLMoeConfig) -> tuple[int, in
     return ids  # type: ignore[return-value]
 
 
-def _check_image_order(turns: list[ChatTurn], n_images: int) -> None:
-    used = [p.image for turn in turns for p in turn.parts if p.kind == "image"]
-    if used != list(range(n_images)):
-        raise PromptError(f"image parts must use images 0..{n_images - 1} once each, in order")
+def _check_image_order(turns: list[ChatTurn], images: list[Any]) -> None:
+    used = [(p.image, p.kind) for turn in turns for p in turn.parts if p.kind != "text"]
+    kinds = [("video" if isinstance(x, VideoSource) else "image") for x in images]
+    if used != list(enumerate(kinds)):
+        raise PromptError(f"image and video parts must use items 0..{len(images) - 1} once "
+                          "each, in order, each of its own kind")  # fmt: skip
 
 
 def _header_size(data: bytes, k: int) -> tuple[int, int]:
@@ -265,11 +385,21 @@ def image_key(salt: bytes, data: bytes) -> bytes:
     return h.digest()
 
 
-def _key_salt(image_processor: Any, config: Qwen3VLMoeConfig, rows_dtype: str) -> bytes:
-    """Everything besides the bytes that changes an image's rows: the image processor's settings,
-    the vision tower's and the language model's shapes, the rows' dtype."""
+def video_key(salt: bytes, video: VideoSource, plan: VideoPlan) -> bytes:
+    """A video's content key: its bytes (or each of its frames') and the frames sampled."""
+    h = hashlib.sha256(salt + b"video" + json.dumps(plan.frame_indices).encode())
+    h.update(video.data)
+    for frame in video.frames:
+        h.update(len(frame).to_bytes(8, "little") + frame)
+    return h.digest()
+
+
+def _key_salt(processor: Any, config: Qwen3VLMoeConfig, rows_dtype: str) -> bytes:
+    """Everything besides the bytes that changes an image's rows: the image and video
+    processors' settings, the vision tower's and the language model's shapes, the rows' dtype."""
     text = getattr(config, "text_config", config)
-    parts = {"v": 1, "processor": image_processor.to_dict(),
+    parts = {"v": 2, "processor": processor.image_processor.to_dict(),
+             "video": processor.video_processor.to_dict(),
              "vision": config.vision_config.to_dict(),  # type: ignore[union-attr]
              "hidden": getattr(text, "hidden_size", 0), "dtype": rows_dtype}  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).digest()

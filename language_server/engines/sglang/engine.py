@@ -60,6 +60,7 @@ class SGLangRequest:
     input_ids: list[int]
     sampling: dict[str, Any]
     image_data: list[dict[str, Any]] | None = None
+    video_data: list[dict[str, Any]] | None = None
     release: Callable[[], None] | None = None  # blocks back to the pool (thread-safe, once)
     future: Any = None  # concurrent.futures.Future of the coroutine on the SGLang loop
     started: bool = False  # handed to SGLang (its scheduler may read the rows from then on)
@@ -116,31 +117,48 @@ class SGLangEngine(EngineBase):
     def job_for_image(self, prompt: ReceivedPrompt, params: SamplingParams, emit: Emit) -> GenJob:
         positions = prompt.positions
         delta = int(positions.max()) + 1 - positions.shape[1]
-        item: dict[str, Any] = {
-            "format": "processor_output",
-            "image_grid_thw": prompt.image_grid_thw,
-            "mrope_positions": positions,
-            "mrope_position_delta": torch.tensor([[delta]], dtype=torch.long),
-            # The radix cache keys image positions by this: the same images (by content key),
-            # the same hash, so a later prompt with the same prefix reuses its KV.
-            "hash": multimodal_hash(prompt.content_keys),
-        }
+        kinds = prompt.kinds or ("image",) * len(prompt.image_grid_thw)
         release = None
         if prompt.pool_runs is not None:
-            # The rows stay in the pool (in SGLang's scheduler process); the model copies them
-            # from there into its inputs. Plain values only: this dict crosses SGLang's msgpack.
-            item["modality"] = "IMAGE"  # else SGLang drops the unknown key
-            item["epd_pool"] = {"v": 1, "rows": prompt.n_visual,
-                                "runs": [[int(r), int(n)] for r, n in prompt.pool_runs]}  # fmt: skip
             release = _once_on(asyncio.get_running_loop(), prompt.release)
-        else:
-            if prompt.embeds is None or prompt.deepstack is None:
-                raise RuntimeError("a received prompt has neither rows nor a pool descriptor")
-            # The pool is in this process: its two views -> SGLang's single [n, 4H] tensor, the
-            # rows' first copy (SGLang then copies them to /dev/shm and into the model's inputs).
-            item["precomputed_embeddings"] = torch.cat([prompt.embeds, prompt.deepstack], dim=1)
+        elif prompt.embeds is None or prompt.deepstack is None:
+            raise RuntimeError("a received prompt has neither rows nor a pool descriptor")
+        # One SGLang item per modality (images, videos), each with its grids and its rows in
+        # prompt order; SGLang finds each item's positions by its pad token.
+        items: dict[str, list[dict[str, Any]]] = {}
+        for kind, grid in (("image", prompt.image_grid_thw), ("video", prompt.video_grid_thw)):
+            picked = [i for i, k in enumerate(kinds) if k == kind]
+            if not picked:
+                continue
+            item: dict[str, Any] = {
+                "format": "processor_output",
+                "modality": kind.upper(),  # else SGLang drops the unknown keys below
+                f"{kind}_grid_thw": grid,
+                "mrope_positions": positions,
+                "mrope_position_delta": torch.tensor([[delta]], dtype=torch.long),
+                # The radix cache keys visual positions by this: the same items (by content
+                # key), the same hash, so a later prompt with the same prefix reuses its KV.
+                "hash": multimodal_hash(
+                    tuple(prompt.content_keys[i] for i in picked) if prompt.content_keys else ()
+                ),  # fmt: skip
+            }
+            if prompt.pool_runs is not None:
+                # The rows stay in the pool (in SGLang's scheduler process); the model copies
+                # them from there into its inputs. Plain values only: this crosses SGLang's
+                # msgpack.
+                runs = [[int(r), int(n)] for i in picked for r, n in _item_runs(prompt, i)]
+                item["epd_pool"] = {"v": 1, "rows": sum(n for _, n in runs), "runs": runs}
+            else:
+                # The pool is in this process: its two views -> SGLang's single [n, 4H] tensor,
+                # the rows' first copy (SGLang then copies them to /dev/shm and into the inputs).
+                item["precomputed_embeddings"] = torch.cat(
+                    [_item_tensor(prompt, picked, full) for full in (prompt.embeds, prompt.deepstack)],
+                    dim=1,
+                )  # fmt: skip
+            items[kind] = [item]
         request = SGLangRequest(_rid(), prompt.input_ids.tolist(), sampling_params(params),
-                                image_data=[item], release=release)  # fmt: skip
+                                image_data=items.get("image"), video_data=items.get("video"),
+                                release=release)  # fmt: skip
         return GenJob(prompt.input_ids, positions, params, emit, payload=request)
 
     def submit(self, job: GenJob) -> None:
@@ -214,6 +232,7 @@ class SGLangEngine(EngineBase):
         logprobs = self.top_logprobs_num > 0
         out = await self.engine.async_generate(
             input_ids=request.input_ids, image_data=request.image_data,
+            video_data=request.video_data,
             sampling_params=request.sampling, stream=job.stream, rid=request.rid,
             return_logprob=logprobs, top_logprobs_num=self.top_logprobs_num if logprobs else None,
         )  # fmt: skip
@@ -263,6 +282,21 @@ class SGLangEngine(EngineBase):
             self.engine.tokenizer_manager.abort_request(rid=request.rid)
         except Exception:  # noqa: BLE001 - the request may be finished already
             log.debug("abort of %s failed", request.rid, exc_info=True)
+
+
+def _item_runs(prompt: ReceivedPrompt, i: int) -> list[tuple[int, int]]:
+    """Pool runs of visual item ``i`` (all of them when the prompt does not split them)."""
+    if prompt.item_runs:
+        return prompt.item_runs[i]
+    assert prompt.pool_runs is not None and len(prompt.kinds) <= 1
+    return prompt.pool_runs
+
+
+def _item_tensor(prompt: ReceivedPrompt, picked: list[int], rows: Any) -> torch.Tensor:
+    """Rows of the visual items ``picked`` out of the prompt's rows ``rows`` (prompt order)."""
+    sizes = prompt.item_rows or (rows.shape[0],)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return torch.cat([rows[starts[i] : starts[i] + sizes[i]] for i in picked])
 
 
 def _once_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None] | None) -> Callable[[], None]:
