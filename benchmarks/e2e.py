@@ -1,4 +1,4 @@
-"""``epd-bench-e2e``: time-to-first-token of image requests through the whole EPD path.
+"""``epd-bench-e2e``: time-to-first-token of image (or video) requests through the whole EPD path.
 
 Starts a local cluster (``--encoders`` encode servers and one language server, real processes on
 loopback; or uses a running language server with ``--url``) and sends chat requests, each with one
@@ -9,7 +9,10 @@ breakdown in ``epd.timings``:
     block_wait  language side: ttft starts -> receive blocks lent for every image of it
                 (0 unless the pool was full and the request queued for room)
     queue       encoder: EncodeJob read -> its preprocessing starts (the encoder's queueing)
-    preprocess  encoder: image decode, resize, patches (grid checked against the job's)
+    decode      (--video only) encoder: the PyAV decode of the video's sampled frames
+    preprocess  encoder: image decode, resize, patches (grid checked against the job's); with
+                --video the resize and patches of the decoded frames only (the server's
+                preprocess_s less its decode_s)
     vision      encoder: the ViT forward of the batch the image was in
     transfer    encoder: transport submit -> the transport reports the rows written
                 (the four encoder phases are those of the request's slowest image)
@@ -23,6 +26,18 @@ the HTTP body is parsed and validated and the prompt prepared: chat template, to
 image's grid from its header, positions) to the first token. The client adds ``latency``
 (request sent -> response parsed) and ``http`` (latency - ttft: HTTP, body parsing, validation
 and prompt preparation, the response). Medians and p90 in milliseconds, throughput in requests/s.
+
+``--video SECONDS`` sends one video clip instead of the image: ``--image-size`` frames of random
+8x8-pixel blocks at ``--video-fps`` frames a second (the source rate; the checkpoint's processor
+samples its own, 2 a second and at least 4 frames on the tiny model), MPEG-4 in MP4 made with
+PyAV, as a ``data:video/mp4;base64`` URL. Every request's clip has its own pixels (seeded by
+``--seed`` and the request's number, warmup included, made before the run), so neither the
+language server's resident rows nor the encoder's cache serve it: each request pays the whole
+decode, preprocess, ViT and transfer. The header gives the frames the server sampled
+(``epd.video_frame_indices``) and its visual tokens (``epd.timings.visual_tokens``), both from
+the first response. In the JSON, each request's row keeps the server's own values (its
+``preprocess_s`` includes its ``decode_s``); the summary's ``preprocess``, like the table's,
+excludes the decode.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +64,13 @@ SERVER_PHASES = (
     "block_wait", "queue", "preprocess", "vision", "transfer", "prefill", "overhead",
 )  # fmt: skip
 PHASES = ("ttft", *SERVER_PHASES)
+# --video: the encoder's frame decode split out of its preprocessing
+VIDEO_PHASES = ("ttft", "block_wait", "queue", "decode", *SERVER_PHASES[2:])
 CLIENT = ("latency", "http")
 OVERHEAD_TARGET_MS = 1.5  # issue 10 (flow v3): median orchestration overhead at concurrency 1
 PROMPT = "Describe this image in one word."
+VIDEO_PROMPT = "Describe this video in one word."
+VIDEO_BLOCK = 8  # pixels a side of one random block of a video frame: survives lossy coding
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -82,8 +102,47 @@ def image_data_url(height: int, width: int, seed: int = 0) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def chat_body(url: str, max_tokens: int, model: str, text: str = PROMPT) -> dict[str, Any]:
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def video_frame_count(seconds: float, fps: float) -> int:
+    """Frames of a ``seconds`` clip at ``fps`` frames a second."""
+    return round(seconds * fps)
+
+
+def video_data_url(seconds: float, fps: float, height: int, width: int,
+                   seed: int | tuple[int, ...] = 0) -> str:  # fmt: skip
+    """An MP4 (MPEG-4 part 2, yuv420p) of random 8x8 blocks, ``seconds`` long at ``fps``, as a
+    data: URL; the same bytes for the same arguments."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    blocks = (-(-height // VIDEO_BLOCK), -(-width // VIDEO_BLOCK), 3)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(video_frame_count(seconds, fps)):
+            pixels = rng.integers(0, 256, blocks, dtype=np.uint8)
+            pixels = pixels.repeat(VIDEO_BLOCK, 0).repeat(VIDEO_BLOCK, 1)[:height, :width]
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())  # flush
+    return "data:video/mp4;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat_body(url: str, max_tokens: int, model: str, text: str = PROMPT,
+              part: str = "image_url") -> dict[str, Any]:  # fmt: skip
+    """The request; ``part`` is the media part's type (``image_url`` or ``video_url``)."""
+    content = [{"type": part, part: {"url": url}}, {"type": "text", "text": text}]
     return {
         "model": model,
         "messages": [{"role": "user", "content": content}],
@@ -124,11 +183,18 @@ def served(url: str) -> str:
 
 
 class Client:
-    """Closed-loop clients: ``concurrency`` threads, each with a kept-alive connection."""
+    """Closed-loop clients: ``concurrency`` threads, each with a kept-alive connection.
 
-    def __init__(self, url: str, body: dict[str, Any], concurrency: int, timeout_s: float):
+    Every request sends ``body``, or, when ``bodies`` has one for its index, that one (encoded
+    here, before any request: the client stays cheap). ``first_epd`` is the ``epd`` field of the
+    first successful response."""
+
+    def __init__(self, url: str, body: dict[str, Any], concurrency: int, timeout_s: float,
+                 bodies: dict[int, dict[str, Any]] | None = None):  # fmt: skip
         self.endpoint = url.rstrip("/") + "/v1/chat/completions"
         self.payload = json.dumps(body).encode()  # encoded once: the client stays cheap
+        self.payloads = {i: json.dumps(b).encode() for i, b in (bodies or {}).items()}
+        self.first_epd: dict[str, Any] | None = None
         self.concurrency = concurrency
         self.http = httpx.Client(
             timeout=timeout_s,
@@ -142,7 +208,7 @@ class Client:
         row: dict[str, Any] = {"index": index}
         start = time.perf_counter()
         try:
-            r = self.http.post(self.endpoint, content=self.payload)
+            r = self.http.post(self.endpoint, content=self.payloads.get(index, self.payload))
             row["status"] = r.status_code
             try:
                 body = r.json()
@@ -154,9 +220,14 @@ class Client:
         end = time.perf_counter()
         row.update(start_s=start - self.t0, end_s=end - self.t0, latency_s=end - start)
         if row["status"] == 200:
-            timings = (body.get("epd") or {}).get("timings") or {}
+            epd = body.get("epd") or {}
+            if self.first_epd is None:
+                self.first_epd = epd
+            timings = epd.get("timings") or {}
             for phase in PHASES:
                 row[f"{phase}_s"] = timings.get(f"{phase}_s")
+            if "decode_s" in timings:  # a video's: part of preprocess_s
+                row["decode_s"] = timings["decode_s"]
             row["http_s"] = row["latency_s"] - row["ttft_s"] if row["ttft_s"] is not None else None
             usage = body.get("usage") or {}
             row["prompt_tokens"] = usage.get("prompt_tokens")
@@ -200,11 +271,24 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+def phase_s(row: dict[str, Any], phase: str, split_decode: bool = False) -> float | None:
+    """``row``'s seconds in ``phase``; ``split_decode``: preprocess without the decode."""
+    value = row.get(f"{phase}_s")
+    if split_decode and phase == "preprocess" and value is not None:
+        decode = row.get("decode_s")
+        return None if decode is None else value - decode
+    return value
+
+
+def summarize(rows: list[dict[str, Any]], wall_s: float,
+              phases_in: tuple[str, ...] = PHASES) -> dict[str, Any]:  # fmt: skip
+    """Per phase of ``phases_in`` (and the client's), median / p90 / mean / max ms; with
+    ``VIDEO_PHASES`` the preprocess phase is the server's preprocess_s less its decode_s."""
     ok = [r for r in rows if r["status"] == 200]
+    split = "decode" in phases_in
     phases: dict[str, dict[str, float]] = {}
-    for phase in (*PHASES, *CLIENT):
-        values = [r[f"{phase}_s"] * 1e3 for r in ok if r.get(f"{phase}_s") is not None]
+    for phase in (*phases_in, *CLIENT):
+        values = [v * 1e3 for r in ok if (v := phase_s(r, phase, split)) is not None]
         if values:
             phases[phase] = {
                 "median_ms": statistics.median(values),
@@ -232,17 +316,17 @@ def summarize(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     }
 
 
-def table(summary: dict[str, Any]) -> str:
+def table(summary: dict[str, Any], phases_in: tuple[str, ...] = PHASES) -> str:
     """Markdown table: one line per phase, median / p90 / max ms and share of the median TTFT."""
     phases = summary["phases"]
     ttft = phases.get("ttft", {}).get("median_ms")
     lines = ["| phase | median ms | p90 ms | max ms | % of median ttft |", "|---|---|---|---|---|"]
-    for phase in (*PHASES, *CLIENT):
+    for phase in (*phases_in, *CLIENT):
         if phase not in phases:
             lines.append(f"| {phase} | - | - | - | - |")
             continue
         s = phases[phase]
-        share = f"{100 * s['median_ms'] / ttft:.1f}" if ttft and phase in PHASES else ""
+        share = f"{100 * s['median_ms'] / ttft:.1f}" if ttft and phase in phases_in else ""
         name = "overhead (orchestration)" if phase == "overhead" else phase
         lines.append(
             f"| {name} | {s['median_ms']:.2f} | {s['p90_ms']:.2f} | {s['max_ms']:.2f} | {share} |"
@@ -284,11 +368,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=1,
                    help="requests in flight at once, closed loop (default 1)")  # fmt: skip
     p.add_argument("--image-size", type=parse_size, default=(448, 448), metavar="HxW",
-                   help="image height x width in pixels (default 448x448: 196 visual tokens on "
-                        "the tiny model)")  # fmt: skip
+                   help="image (with --video: frame) height x width in pixels (default 448x448: "
+                        "196 visual tokens for an image on the tiny model)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=1,
                    help="tokens to generate per request (default 1: TTFT only)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the image's random pixels")
+    p.add_argument("--video", type=positive_float, metavar="SECONDS",
+                   help="send one video clip of this many seconds instead of the image: "
+                        "--image-size frames of random blocks at --video-fps, MP4 (MPEG-4) as a "
+                        "data: URL, its own pixels per request; the table splits the encoder's "
+                        "frame decode out of preprocess")  # fmt: skip
+    p.add_argument("--video-fps", type=positive_float, metavar="FPS",
+                   help="frame rate the --video clip is made at (default 4); the server's "
+                        "processor samples from it at its own, 2 a second on the tiny model")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the image's random pixels (with --video: of the clips')")  # fmt: skip
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds one request may take before it counts as an error")  # fmt: skip
     p.add_argument("--json", metavar="PATH", type=Path,
@@ -299,6 +392,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.video_fps is not None and args.video is None:
+        p.error("--video-fps needs --video")
+    if args.video is not None:
+        args.video_fps = args.video_fps or 4.0
+        if video_frame_count(args.video, args.video_fps) < 1:
+            p.error(f"--video {args.video:g} at --video-fps {args.video_fps:g} makes no frame")
+        if args.seed < 0:
+            p.error("--seed must be >= 0 with --video")
     return args
 
 
@@ -311,11 +412,45 @@ def ensure_model(model: Path) -> Path:
     return Path(make_tiny_model(model))
 
 
+def video_bodies(args: argparse.Namespace, model_id: str) -> dict[int, dict[str, Any]]:
+    """One request body per request index (warmup's negative), each with its own clip."""
+    height, width = args.image_size
+    n = args.warmup + args.requests
+    print(f"making {n} video clips of {args.video:g} s", file=sys.stderr)
+    bodies = {}
+    for i in range(-args.warmup, args.requests):
+        seed = (args.seed, i + args.warmup)  # distinct bytes: no cache serves a request
+        url = video_data_url(args.video, args.video_fps, height, width, seed)
+        bodies[i] = chat_body(url, args.max_tokens, model_id, VIDEO_PROMPT, "video_url")
+    return bodies
+
+
+def video_config(args: argparse.Namespace, epd: dict[str, Any] | None) -> dict[str, Any]:
+    """The clips as made, and what the server made of the first one it answered."""
+    indices = ((epd or {}).get("video_frame_indices") or [None])[0]
+    return {
+        "seconds": args.video, "fps": args.video_fps, "frame_size": list(args.image_size),
+        "frames": video_frame_count(args.video, args.video_fps),
+        "sampled_frames": None if indices is None else len(indices), "frame_indices": indices,
+        "visual_tokens": ((epd or {}).get("timings") or {}).get("visual_tokens"),
+    }  # fmt: skip
+
+
+def video_header(video: dict[str, Any]) -> str:
+    height, width = video["frame_size"]
+    sampled = "?" if video["sampled_frames"] is None else video["sampled_frames"]
+    return (f"video {video['seconds']:g} s at {video['fps']:g} fps: {video['frames']} frames of "
+            f"{height}x{width}, {sampled} sampled")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     height, width = args.image_size
     model = None if args.url else ensure_model(args.model)
-    n_vis = visual_tokens(model if model is not None else args.model, height, width)
+    video = args.video is not None
+    n_vis = None  # a video's visual tokens are the server's (from the first response)
+    if not video:
+        n_vis = visual_tokens(model if model is not None else args.model, height, width)
     config = {
         "url": args.url or None, "model": str(model) if model else None,
         "encoders": None if args.url else args.encoders,
@@ -345,8 +480,13 @@ def main(argv: list[str] | None = None) -> int:
         url = cluster.url
     client = None
     try:
-        body = chat_body(image_data_url(height, width, args.seed), args.max_tokens, served(url))
-        client = Client(url, body, args.concurrency, args.timeout)
+        model_id = served(url)
+        if video:
+            bodies = video_bodies(args, model_id)
+            client = Client(url, bodies[0], args.concurrency, args.timeout, bodies=bodies)
+        else:
+            body = chat_body(image_data_url(height, width, args.seed), args.max_tokens, model_id)
+            client = Client(url, body, args.concurrency, args.timeout)
         if args.warmup:
             client.run(args.warmup, -args.warmup, "warmup", leave=False)
         t0 = time.perf_counter()
@@ -358,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         if cluster is not None:
             cluster.stop()
 
-    summary = summarize(rows, wall_s)
+    phases = VIDEO_PHASES if video else PHASES
+    summary = summarize(rows, wall_s, phases)
     overhead = summary["phases"].get("overhead", {}).get("median_ms", math.nan)
     summary["overhead_target_ms"] = OVERHEAD_TARGET_MS
     summary["overhead_pass"] = overhead <= OVERHEAD_TARGET_MS
@@ -367,13 +508,18 @@ def main(argv: list[str] | None = None) -> int:
     vis = f"{n_served:g}" if n_served is not None else "?"
     if n_vis is not None and n_served != n_vis:
         vis += f" (expected {n_vis})"
+    media = f"image {height}x{width}"
+    if video:
+        config["video"] = video_config(args, client.first_epd if client else None)
+        config["visual_tokens"] = config["video"]["visual_tokens"]
+        media = video_header(config["video"])
     prompt = summary["prompt_tokens"]
     print(
         f"\n{where}; {args.requests} requests at concurrency {args.concurrency}; "
-        f"image {height}x{width}, {vis} visual tokens; "
+        f"{media}, {vis} visual tokens; "
         f"prompt tokens {'?' if prompt is None else f'{prompt:g}'}; max_tokens {args.max_tokens}\n"
     )
-    print(table(summary))
+    print(table(summary, phases))
     print(
         f"\nthroughput: {summary['throughput_rps']:.2f} requests/s "
         f"({summary['ok']} ok in {wall_s:.2f} s)"

@@ -68,10 +68,11 @@ def _frames(container, indices: list[int], limits: VideoLimits) -> np.ndarray:
             raise ValueError(f"video lasts {seconds:.0f} s, more than {limits.max_seconds:.0f} s")
     deadline = time.monotonic() + limits.max_decode_s
     wanted, out, shape = iter(indices), [], None
-    target = next(wanted)
+    target, decoded = next(wanted), 0
     for k, frame in enumerate(container.decode(stream)):
+        decoded = k + 1
         if time.monotonic() > deadline:
-            raise ValueError(f"video decode took more than {limits.max_decode_s:.0f} s")
+            raise ValueError(f"video decode took more than {limits.max_decode_s:g} s")
         if k != target:
             continue
         _check_size(frame.width, frame.height, limits)
@@ -82,8 +83,8 @@ def _frames(container, indices: list[int], limits: VideoLimits) -> np.ndarray:
         target = next(wanted, None)
         if target is None:
             return np.stack(out)
-    raise ValueError(f"the video has {len(out) and indices[len(out) - 1] + 1 or 'no'} decodable "
-                     f"frames before it ends; frame {indices[len(out)]} was asked for")  # fmt: skip
+    raise ValueError(f"the video ends after {decoded} decodable frame(s); frame "
+                     f"{indices[len(out)]} was asked for")  # fmt: skip
 
 
 def _check_size(width: int, height: int, limits: VideoLimits) -> None:

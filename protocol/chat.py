@@ -263,10 +263,18 @@ def _video(part: dict[str, Any], kind: str, where: str, policy: ImageSourcePolic
             raise ValueError(f"{where} must list 1..{MAX_VIDEO_FRAMES} frames, got {len(ref)}")
         frames, left = [], policy.max_bytes
         for j, frame in enumerate(ref):
-            if not isinstance(frame, str) or left < 1:
-                raise ValueError(f"{where}[{j}] must be an image URL string, and the frames "
-                                 f"at most {policy.max_bytes} bytes in all")  # fmt: skip
-            frames.append(source_bytes(frame, policy, f"{where}[{j}]", max_bytes=left))
+            if not isinstance(frame, str):
+                raise ValueError(f"{where}[{j}] must be an image URL string")
+            if left < 1:
+                raise ValueError(f"{where}: the frames are larger than {policy.max_bytes} bytes "
+                                 "in all")  # fmt: skip
+            try:
+                frames.append(source_bytes(frame, policy, f"{where}[{j}]", max_bytes=left))
+            except ValueError as exc:
+                if left < policy.max_bytes and "larger than" in str(exc):
+                    raise ValueError(f"{where}: the frames are larger than {policy.max_bytes} "
+                                     "bytes in all") from None  # fmt: skip
+                raise
             left -= len(frames[-1])
         return VideoSource(frames=tuple(frames), fps=fps, max_frames=max_frames)
     data = source_bytes(_url(ref, where), policy, where, media="video")

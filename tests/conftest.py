@@ -97,15 +97,29 @@ def make_video():
 
 
 def video_bytes(frames: int, height: int, width: int, fps: int = 4, seed: int = 0,
-                codec: str = "mpeg4", fmt: str = "mp4") -> bytes:  # fmt: skip
+                codec: str = "mpeg4", fmt: str = "mp4", faststart: bool = False) -> bytes:  # fmt: skip
+    """``faststart``: an mp4 whose index comes before its frames (cut it short and the
+    container still declares every frame)."""
     import io
+    import tempfile
 
     import av
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=fmt) as container:
+    with tempfile.NamedTemporaryFile(suffix=f".{fmt}") as tmp:
+        buf = tmp.name if faststart else io.BytesIO()  # faststart rewrites the file at the end
+        options = {"movflags": "faststart"} if faststart else {}
+        _write_video(av.open(buf, mode="w", format=fmt, options=options), rng, frames, height,
+                     width, fps, codec)  # fmt: skip
+        return tmp.read() if faststart else buf.getvalue()  # type: ignore[union-attr]
+
+
+def _write_video(container, rng, frames, height, width, fps, codec) -> None:
+    import av
+    import numpy as np
+
+    with container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         for _ in range(frames):
@@ -116,7 +130,6 @@ def video_bytes(frames: int, height: int, width: int, fps: int = 4, seed: int = 
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return buf.getvalue()
 
 
 def decoded_frames(data: bytes):

@@ -9,9 +9,15 @@ import os
 import pytest
 
 import protocol as P
-from protocol.chat import ImageSourcePolicy, refused_path_message, source_bytes, to_turns
+from protocol.chat import (
+    ImageSourcePolicy,
+    VideoSource,
+    refused_path_message,
+    source_bytes,
+    to_turns,
+)
 from protocol.codec import MAX_MESSAGE_BYTES
-from protocol.messages import MAX_BLOCKS, MAX_IMAGE_BYTES, MAX_IMAGES, MAX_TEXT
+from protocol.messages import MAX_BLOCKS, MAX_IMAGE_BYTES, MAX_IMAGES, MAX_TEXT, MAX_VIDEO_FRAMES
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40  # bytes only: nothing here decodes an image
 WHERE = "messages[0].content[0].image_url"
@@ -182,3 +188,109 @@ def test_the_largest_image_the_front_door_accepts_fits_one_job_message():
     wire = P.encode(job)
     assert len(wire) <= MAX_MESSAGE_BYTES
     assert P.decode(wire) == job
+
+
+# --- videos -----------------------------------------------------------------------------------
+
+MP4 = b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 40  # bytes only, never decoded here
+VIDEO_URL = "data:video/mp4;base64," + base64.b64encode(MP4).decode()
+IMAGE_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+
+
+def _video_url(url: str = VIDEO_URL, **options) -> dict:
+    return {"type": "video_url", "video_url": {"url": url, **options}}
+
+
+def test_a_video_url_gives_its_bytes_and_sampling_options():
+    turns, items = to_turns(_user(_video_url(fps=1, max_frames=8)), ImageSourcePolicy())
+    assert items == [VideoSource(data=MP4, fps=1.0, max_frames=8)]
+    assert turns[0].parts == [P.ContentPart(kind="video", image=0)]
+    _, items = to_turns(_user({"type": "video", "video": VIDEO_URL}), ImageSourcePolicy())
+    assert items == [VideoSource(data=MP4)]  # no options: the video processor decides
+
+
+def test_a_list_of_frames_is_a_video_the_client_sampled():
+    frames = [IMAGE_URL, "data:image/png;base64," + base64.b64encode(PNG[::-1]).decode()]
+    part = {"type": "video", "video": frames, "fps": 2.5}
+    turns, items = to_turns(_user(part), ImageSourcePolicy())
+    assert items == [VideoSource(frames=(PNG, PNG[::-1]), fps=2.5)]
+    assert turns[0].parts[0].kind == "video"
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\]\.video\[1\]: "):
+        to_turns(_user({"type": "video", "video": [IMAGE_URL, VIDEO_URL]}), ImageSourcePolicy())
+    with pytest.raises(ValueError, match=f"1..{MAX_VIDEO_FRAMES} frames, got 0"):
+        to_turns(_user({"type": "video", "video": []}), ImageSourcePolicy())
+    three = _user({"type": "video", "video": [IMAGE_URL] * 3})  # policy.max_bytes: all frames
+    with pytest.raises(ValueError, match=r"video: the frames are larger than 96 bytes in all"):
+        to_turns(three, ImageSourcePolicy(max_bytes=2 * len(PNG)))
+    with pytest.raises(ValueError, match=r"video: the frames are larger than 100 bytes in all"):
+        to_turns(three, ImageSourcePolicy(max_bytes=2 * len(PNG) + 4))
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"fps": 0}, "fps"),
+        ({"fps": -1}, "fps"),
+        ({"fps": "2"}, "fps"),
+        ({"fps": True}, "fps"),
+        ({"fps": float("nan")}, "fps"),
+        ({"fps": 241}, "fps"),
+        ({"max_frames": 1}, "max_frames"),
+        ({"max_frames": 5000}, "max_frames"),
+        ({"max_frames": 2.5}, "max_frames"),
+        ({"max_frames": True}, "max_frames"),
+    ],
+)
+def test_bad_sampling_options_name_the_field(options, field):
+    with pytest.raises(ValueError) as info:
+        to_turns(_user(_video_url(**options)), ImageSourcePolicy())
+    assert str(info.value).startswith(f"messages[0].content[0].video_url.{field} must be ")
+
+
+def test_sampling_options_at_their_bounds_are_accepted():
+    _, items = to_turns(_user(_video_url(fps=240, max_frames=4096.0)), ImageSourcePolicy())
+    assert items[0].fps == 240.0 and items[0].max_frames == 4096
+    assert isinstance(items[0].max_frames, int)
+    _, items = to_turns(_user(_video_url(fps=0.1, max_frames=2)), ImageSourcePolicy())
+    assert items[0].fps == 0.1 and items[0].max_frames == 2
+
+
+def test_image_and_video_data_urls_are_not_interchangeable():
+    with pytest.raises(ValueError, match=r"video_url: a data URL must look like data:video/"):
+        to_turns(_user(_video_url(IMAGE_URL)), ImageSourcePolicy())
+    with pytest.raises(ValueError, match=r"image_url: a data URL must look like data:image/"):
+        to_turns(_user(_url(VIDEO_URL)), ImageSourcePolicy())
+    with pytest.raises(ValueError, match="scheme 'https' is not accepted"):
+        to_turns(_user(_video_url("https://example.com/a.mp4")), ImageSourcePolicy())
+
+
+def test_images_and_videos_share_one_index_space_in_prompt_order():
+    first = [_video_url(), {"type": "text", "text": "and"}, _url(IMAGE_URL)]
+    second = [{"type": "video", "video": [IMAGE_URL, IMAGE_URL]}]
+    messages = [{"role": "user", "content": first}, {"role": "user", "content": second}]
+    turns, items = to_turns(messages, ImageSourcePolicy())
+    visual = [(p.kind, p.image) for t in turns for p in t.parts if p.kind != "text"]
+    assert visual == [("video", 0), ("image", 1), ("video", 2)]
+    assert items == [VideoSource(data=MP4), PNG, VideoSource(frames=(PNG, PNG))]
+
+
+def test_videos_count_towards_max_images():
+    parts = [_video_url(), _url(IMAGE_URL), {"type": "video", "video": [IMAGE_URL, IMAGE_URL]}]
+    assert len(to_turns(_user(*parts), ImageSourcePolicy(max_images=3))[1]) == 3
+    with pytest.raises(ValueError, match="too many images and videos: more than 2"):
+        to_turns(_user(*parts), ImageSourcePolicy(max_images=2))
+
+
+def test_local_video_paths_follow_the_image_policy(media):
+    (media / "clip.mp4").write_bytes(MP4)
+    policy = ImageSourcePolicy(local_root=media, max_bytes=1000)
+    for url in ("clip.mp4", str(media / "clip.mp4"), f"file://{media}/clip.mp4"):
+        assert to_turns(_user(_video_url(url)), policy)[1] == [VideoSource(data=MP4)], url
+    where = "messages[0].content[0].video_url"
+    for url, pol in (("../secret.txt", policy), ("outside-link.png", policy),
+                     ("clip.mp4", ImageSourcePolicy())):  # fmt: skip
+        with pytest.raises(ValueError) as info:
+            to_turns(_user(_video_url(url)), pol)
+        assert str(info.value) == refused_path_message(where, pol), url
+    frames = {"type": "video", "video": ["cat.png", "sub/dog.png"]}  # frames from files too
+    assert to_turns(_user(frames), policy)[1] == [VideoSource(frames=(PNG, PNG[::-1]))]

@@ -4,7 +4,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import protocol as P
-from protocol.messages import MAX_IMAGES
+from protocol.messages import MAX_IMAGES, MAX_VIDEO_FRAMES
 
 
 def samples() -> list[P.Message]:
@@ -174,3 +174,52 @@ def test_deeply_nested_input_is_rejected():
     data = b"\x91" * 100_000 + b"\xc0"
     with pytest.raises(P.ProtocolError):
         P.decode(data)
+
+
+# --- video jobs -------------------------------------------------------------------------------
+
+
+def _video_job(**changes) -> P.EncodeJob:
+    image = next(m for m in samples() if isinstance(m, P.EncodeJob))
+    fields = {f: getattr(image, f) for f in image.__struct_fields__}
+    return P.EncodeJob(**{**fields, "grid": [2, 14, 14], "frames": [0, 3, 9], **changes})
+
+
+def test_video_jobs_round_trip():
+    container = _video_job(data=b"\x00\x00\x00\x18ftypmp42")
+    sampled = _video_job(data=b"", frames=[], frame_data=[b"\x89PNG-a", b"\x89PNG-b"])
+    for job in (container, sampled):
+        assert job.is_video
+        assert P.decode(P.encode(job)) == job
+        assert P.decode_as(P.encode(job), P.EncodeJob).frame_data == job.frame_data
+    assert P.decode(P.encode(container)).frames == [0, 3, 9]
+    image = next(m for m in samples() if isinstance(m, P.EncodeJob))
+    assert image.frames == [] and image.frame_data == [] and not image.is_video
+    assert not P.decode(P.encode(image)).is_video
+
+
+def test_encode_timings_carry_the_decode_time():
+    done = P.TransferDone(rid="r", generation=1, n_tokens=4, checksum=5,
+                          timings=P.EncodeTimings(preprocess_s=0.5, decode_s=0.25))  # fmt: skip
+    assert P.decode(P.encode(done)).timings.decode_s == 0.25
+    with pytest.raises(P.ProtocolError, match="decode_s"):
+        P.decode(_tamper(done, timings={"decode_s": -1.0}))
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"frame_data": [b"frame"]}, "exactly one of data and frame_data"),  # data is set too
+        ({"data": b"", "frames": []}, "exactly one of data and frame_data"),
+        ({"frames": [3, 1]}, "frame indices must increase"),
+        ({"frames": [0, 3, 3]}, "frame indices must increase"),
+        ({"data": b"", "frame_data": [b"a", b"b"]}, "frames index a container"),
+        ({"data": b"", "frames": [], "frame_data": [b"a", b""]}, "frame_data"),  # an empty frame
+        ({"frames": [-1, 2]}, "frames"),
+        ({"frames": list(range(MAX_VIDEO_FRAMES + 1))}, "frames"),
+    ],
+)
+def test_invalid_video_job_rejected_with_reason(changes, reason):
+    job = _video_job(data=b"\x00\x00\x00\x18ftypmp42")
+    with pytest.raises(P.ProtocolError, match=reason):
+        P.decode(_tamper(job, **changes))

@@ -37,6 +37,7 @@ class Image:
     data: bytes
     grid: tuple
     n_tokens: int
+    kind: str = "image"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Prompt:
     positions: torch.Tensor = torch.zeros(3, 1, dtype=torch.long)
     visual_mask: torch.Tensor = torch.zeros(1, dtype=torch.bool)
     image_grid_thw: torch.Tensor = torch.zeros(0, 3, dtype=torch.long)
+    video_grid_thw: torch.Tensor = torch.zeros(0, 3, dtype=torch.long)
 
 
 class Event:
