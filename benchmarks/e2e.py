@@ -2,7 +2,8 @@
 
 Starts a local cluster (``--encoders`` encode servers and one language server, real processes on
 loopback; or uses a running language server with ``--url``) and sends chat requests, each with one
-PNG image (fixed-seed random pixels, as a data: URL) and a short text, ``max_tokens`` 1, greedy,
+PNG image (random pixels, its own per request, seeded by ``--seed`` and the request's number, so
+no image cache serves it; as a data: URL) and a short text, ``max_tokens`` 1, greedy,
 ``ignore_eos``, from ``--concurrency`` closed-loop clients. Every response carries the server's
 breakdown in ``epd.timings``:
 
@@ -90,7 +91,7 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
-def image_data_url(height: int, width: int, seed: int = 0) -> str:
+def image_data_url(height: int, width: int, seed: int | tuple[int, ...] = 0) -> str:
     """A PNG of uniform random RGB pixels (the same bytes for the same seed) as a data: URL."""
     import numpy as np
     from PIL import Image
@@ -379,9 +380,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "frame decode out of preprocess")  # fmt: skip
     p.add_argument("--video-fps", type=positive_float, metavar="FPS",
                    help="frame rate the --video clip is made at (default 4); the server's "
-                        "processor samples from it at its own, 2 a second on the tiny model")  # fmt: skip
+                        "processor samples at its own, 2 a second on the tiny model")  # fmt: skip
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the image's random pixels (with --video: of the clips')")  # fmt: skip
+                   help="seed of the images' (with --video: the clips') random pixels, one "
+                        "per request")  # fmt: skip
     p.add_argument("--timeout", type=float, default=120.0,
                    help="seconds one request may take before it counts as an error")  # fmt: skip
     p.add_argument("--json", metavar="PATH", type=Path,
@@ -398,8 +400,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.video_fps = args.video_fps or 4.0
         if video_frame_count(args.video, args.video_fps) < 1:
             p.error(f"--video {args.video:g} at --video-fps {args.video_fps:g} makes no frame")
-        if args.seed < 0:
-            p.error("--seed must be >= 0 with --video")
+    if args.seed < 0:
+        p.error("--seed must be >= 0")
     return args
 
 
@@ -410,6 +412,16 @@ def ensure_model(model: Path) -> Path:
 
     print(f"creating the tiny checkpoint in {model}", file=sys.stderr)
     return Path(make_tiny_model(model))
+
+
+def image_bodies(args: argparse.Namespace, model_id: str) -> dict[int, dict[str, Any]]:
+    """One request body per request index (warmup's negative), each with its own image: with
+    one image for all, every request after the first would be a cache hit (issue 18's caches
+    are on by default) and the benchmark would time no decode, ViT or transfer."""
+    height, width = args.image_size
+    return {i: chat_body(image_data_url(height, width, (args.seed, i + args.warmup)),
+                         args.max_tokens, model_id)
+            for i in range(-args.warmup, args.requests)}  # fmt: skip
 
 
 def video_bodies(args: argparse.Namespace, model_id: str) -> dict[int, dict[str, Any]]:
@@ -481,12 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     client = None
     try:
         model_id = served(url)
-        if video:
-            bodies = video_bodies(args, model_id)
-            client = Client(url, bodies[0], args.concurrency, args.timeout, bodies=bodies)
-        else:
-            body = chat_body(image_data_url(height, width, args.seed), args.max_tokens, model_id)
-            client = Client(url, body, args.concurrency, args.timeout)
+        bodies = video_bodies(args, model_id) if video else image_bodies(args, model_id)
+        client = Client(url, bodies[0], args.concurrency, args.timeout, bodies=bodies)
         if args.warmup:
             client.run(args.warmup, -args.warmup, "warmup", leave=False)
         t0 = time.perf_counter()

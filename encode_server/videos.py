@@ -67,21 +67,20 @@ def _frames(container, indices: list[int], limits: VideoLimits) -> np.ndarray:
         if seconds > limits.max_seconds:
             raise ValueError(f"video lasts {seconds:.0f} s, more than {limits.max_seconds:.0f} s")
     deadline = time.monotonic() + limits.max_decode_s
-    wanted, out, shape = iter(indices), [], None
-    target, decoded = next(wanted), 0
+    out: list[np.ndarray] = []
+    shape, decoded = None, 0
     for k, frame in enumerate(container.decode(stream)):
         decoded = k + 1
         if time.monotonic() > deadline:
             raise ValueError(f"video decode took more than {limits.max_decode_s:g} s")
-        if k != target:
+        if k != indices[len(out)]:
             continue
         _check_size(frame.width, frame.height, limits)
         if shape is not None and (frame.height, frame.width) != shape:
             raise ValueError("the video's frames change size")
         shape = (frame.height, frame.width)
         out.append(frame.to_ndarray(format="rgb24"))
-        target = next(wanted, None)
-        if target is None:
+        if len(out) == len(indices):
             return np.stack(out)
     raise ValueError(f"the video ends after {decoded} decodable frame(s); frame "
                      f"{indices[len(out)]} was asked for")  # fmt: skip

@@ -15,8 +15,11 @@ process dies, the server exits (status 70) rather than serve errors forever.
 Inputs per request are what the encoder computed, never recomputed: the input ids with image pads
 already expanded, our M-RoPE positions ``[3, seq]`` (and their decode delta), and the visual rows.
 The receive pool lives in SGLang's scheduler process (TP rank 0, on the model's device; see
-``engines/sglang/models/pool_host.py`` and docs/sglang.md), so an image item carries only a descriptor,
-``{"modality": "IMAGE", "epd_pool": {"rows", "runs": [[pool_row, rows], ...]}}``: our model copies
+``engines/sglang/models/pool_host.py`` and docs/sglang.md), so a request's images go as one item
+(``image_data``) and its videos as another (``video_data``, with ``video_grid_thw``; SGLang finds
+their positions by the video pad tokens, one run per temporal group), each carrying only a
+descriptor, ``{"modality": "IMAGE"|"VIDEO", "epd_pool": {"rows", "runs": [[pool_row, rows], ...]}}``
+of its rows in prompt order: our model copies
 each visual row once, from the pool's views into its input embeddings and DeepStack buffer, and
 the blocks go back to the front door's lender when SGLang's stream of the request has ended.
 A ``ReceivedPrompt`` with tensors (a pool in this process; the golden test) still goes the old
@@ -288,13 +291,15 @@ def _item_runs(prompt: ReceivedPrompt, i: int) -> list[tuple[int, int]]:
     """Pool runs of visual item ``i`` (all of them when the prompt does not split them)."""
     if prompt.item_runs:
         return prompt.item_runs[i]
-    assert prompt.pool_runs is not None and len(prompt.kinds) <= 1
-    return prompt.pool_runs
+    assert prompt.pool_runs is not None and len(set(prompt.kinds)) <= 1
+    return prompt.pool_runs if i == 0 else []  # not split by item: all runs, once
 
 
 def _item_tensor(prompt: ReceivedPrompt, picked: list[int], rows: Any) -> torch.Tensor:
     """Rows of the visual items ``picked`` out of the prompt's rows ``rows`` (prompt order)."""
-    sizes = prompt.item_rows or (rows.shape[0],)
+    if not prompt.item_rows:  # not split by item: one modality, all of them
+        return rows
+    sizes = prompt.item_rows
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return torch.cat([rows[starts[i] : starts[i] + sizes[i]] for i in picked])
 

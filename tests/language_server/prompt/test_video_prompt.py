@@ -9,6 +9,7 @@ container's metadata (or the frames' headers).
 from __future__ import annotations
 
 import copy
+
 import numpy as np
 import pytest
 import torch
@@ -91,7 +92,7 @@ def test_build_equals_transformers(name, builder, monolithic, make_image, encode
         assert torch.equal(ours.image_grid_thw, inputs["image_grid_thw"])
     sampled = [m.frames_indices.tolist() for m in inputs["video_metadata"]]
     assert ours.video_frame_indices == sampled
-    visual = (inputs["mm_token_type_ids"][0] > 0)
+    visual = inputs["mm_token_type_ids"][0] > 0
     assert torch.equal(ours.visual_mask, visual)
     assert ours.n_vis == int(visual.sum()) == sum(s.n_tokens for s in ours.images)
     assert [s.kind for s in ours.images] == [item[0] for item in spec]
