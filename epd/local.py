@@ -48,6 +48,8 @@ class EncodedPrompt:
     image_grid_thw: torch.Tensor
     n_vis: int
     video_grid_thw: torch.Tensor | None = None  # [n_videos, 3]
+    kinds: tuple[str, ...] = ()  # each visual item's kind ("image" / "video"), prompt order
+    item_rows: tuple[int, ...] = ()  # each visual item's rows, prompt order
 
 
 class SplitPipeline:
@@ -119,6 +121,8 @@ class SplitPipeline:
             image_grid_thw=prompt.image_grid_thw,
             n_vis=prompt.n_vis,
             video_grid_thw=prompt.video_grid_thw,
+            kinds=tuple(spec.kind for spec in prompt.images),
+            item_rows=tuple(spec.n_tokens for spec in prompt.images),
         )
 
 

@@ -82,7 +82,8 @@ def _job(engine, encoded, params, emit, deepstack=None):
     prompt = ReceivedPrompt(
         input_ids=encoded.input_ids, positions=encoded.positions, visual_mask=encoded.visual_mask,
         embeds=encoded.embeds, deepstack=encoded.deepstack if deepstack is None else deepstack,
-        image_grid_thw=encoded.image_grid_thw, timings=None,
+        image_grid_thw=encoded.image_grid_thw, timings=None, kinds=encoded.kinds,
+        item_rows=encoded.item_rows, video_grid_thw=encoded.video_grid_thw,
     )  # fmt: skip
     return engine.job_for_image(prompt, params, emit)
 
@@ -119,6 +120,10 @@ def _reference(monolithic, processor, messages):
     inputs = processor.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )
+    return _answer(monolithic, inputs)
+
+
+def _answer(monolithic, inputs):
     with torch.no_grad():
         out = monolithic.generate(
             **inputs, max_new_tokens=N_TOKENS, min_new_tokens=N_TOKENS, do_sample=False
@@ -154,6 +159,41 @@ def test_greedy_tokens_and_first_top5_equal_monolithic(name, sglang_engine, case
     assert tokens == ref_tokens
     assert reason == "length"
     assert len(job.payload.top_logprobs) == N_TOKENS
+    assert [t for _, t in ours] == [t for _, t in ref_top5]
+    assert max(diffs) <= ATOL
+
+
+@pytest.fixture(scope="module")
+def video_cases(pipeline, monolithic, make_image):
+    """Issue 19's prompts (tests/parity/test_parity_video.py) with transformers' answers."""
+    from tests.parity.test_parity_video import PROMPTS as VIDEOS
+    from tests.parity.test_parity_video import _messages as video_messages
+
+    out = {}
+    for name, spec in VIDEOS.items():
+        ours, theirs, videos, metadata = video_messages(spec, make_image)
+        processor = pipeline.processor
+        text = processor.apply_chat_template([{"role": "user", "content": theirs}],
+                                             tokenize=False, add_generation_prompt=True)  # fmt: skip
+        images = [p["image"] for p in theirs if p["type"] == "image"]
+        inputs = processor(text=[text], images=images or None, videos=videos,
+                           video_metadata=metadata, return_tensors="pt")  # fmt: skip
+        out[name] = (pipeline.encode(ours), *_answer(monolithic, inputs))
+    return out
+
+
+@pytest.mark.parametrize("name", ["one_video", "image_and_video", "long_video"])
+def test_videos_greedy_tokens_and_first_top5_equal_monolithic(name, sglang_engine, video_cases):
+    """A video item (and an image item beside it) through SGLang: same tokens, same log-probs."""
+    from language_server.engines.base import SamplingParams
+
+    encoded, ref_tokens, ref_top5 = video_cases[name]
+    assert encoded.video_grid_thw is not None and len(encoded.video_grid_thw) == 1
+    tokens, reason, job = _serve(sglang_engine, encoded, SamplingParams(max_new_tokens=N_TOKENS))
+    ours = job.payload.top_logprobs[0]
+    diffs = [abs(a - b) for (a, _), (b, _) in zip(ours, ref_top5, strict=True)]
+    print(f"{name}: n_vis {encoded.n_vis}, |logprob diff| {[f'{d:.2g}' for d in diffs]}")
+    assert tokens == ref_tokens and reason == "length"
     assert [t for _, t in ours] == [t for _, t in ref_top5]
     assert max(diffs) <= ATOL
 
