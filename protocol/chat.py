@@ -82,12 +82,14 @@ class ImageSourcePolicy:
         return self.local_root is not None and self.allow_local_files
 
 
-def refused_path_message(where: str, policy: ImageSourcePolicy) -> str:
-    """The one answer for every refused path: it does not depend on the path."""
+def refused_path_message(where: str, policy: ImageSourcePolicy, media: str = "image") -> str:
+    """The one answer for every refused path of an ``media`` part (image or video): it does
+    not depend on the path."""
     return (
-        f"{where}: image path refused. This server reads local images only when started with "
+        f"{where}: {media} path refused. This server reads local media only when started with "
         f"--allowed-local-media-path, and only readable files of at most {policy.max_bytes} "
-        "bytes inside that directory; send the image as a data:image/<type>;base64,<payload> URL"
+        f"bytes inside that directory; send the {media} as a data:{media}/<type>;base64,"
+        "<payload> URL"
     )
 
 
@@ -107,7 +109,9 @@ def data_url_bytes(url: str, max_bytes: int, where: str = "image", media: str = 
     return data
 
 
-def file_bytes(path_str: str, policy: ImageSourcePolicy, where: str = "image") -> bytes:
+def file_bytes(
+    path_str: str, policy: ImageSourcePolicy, where: str = "image", media: str = "image"
+) -> bytes:
     """The bytes of a local image file inside the policy's root, within its size limit.
 
     ``path_str`` is a path (relative ones are relative to the root) or a ``file://`` URL. Any
@@ -122,7 +126,7 @@ def file_bytes(path_str: str, policy: ImageSourcePolicy, where: str = "image") -
         except (OSError, ValueError, RuntimeError):  # RuntimeError: a symlink loop (3.11)
             data = None
     if data is None:
-        raise ValueError(refused_path_message(where, policy))
+        raise ValueError(refused_path_message(where, policy, media))
     return data
 
 
@@ -165,7 +169,7 @@ def source_bytes(url: str, policy: ImageSourcePolicy, where: str = "image",
         raise ValueError(f"{where}: {media} URL scheme {scheme} is not accepted (use data:)")
     if limit < policy.max_bytes:
         policy = replace(policy, max_bytes=limit)
-    return file_bytes(url, policy, where)
+    return file_bytes(url, policy, where, media)
 
 
 def check_text(value: str, where: str) -> str:

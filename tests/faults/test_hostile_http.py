@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 BODY_LIMIT = 16 << 20
 IMAGE_LIMIT = 2 << 20
 NAMES = ("tiny-vl", "tiny")
-REFUSED = "image path refused. This server reads local images only when started with"
+REFUSED = "image path refused. This server reads local media only when started with"
 
 
 class Live(SimpleNamespace):

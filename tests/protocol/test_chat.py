@@ -291,6 +291,7 @@ def test_local_video_paths_follow_the_image_policy(media):
                      ("clip.mp4", ImageSourcePolicy())):  # fmt: skip
         with pytest.raises(ValueError) as info:
             to_turns(_user(_video_url(url)), pol)
-        assert str(info.value) == refused_path_message(where, pol), url
+        assert str(info.value) == refused_path_message(where, pol, "video"), url
+        assert "video path refused" in str(info.value)
     frames = {"type": "video", "video": ["cat.png", "sub/dog.png"]}  # frames from files too
     assert to_turns(_user(frames), policy)[1] == [VideoSource(frames=(PNG, PNG[::-1]))]
