@@ -36,6 +36,7 @@ class _Image:
     data: bytes
     grid: tuple[int, int, int]
     n_tokens: int
+    kind: str = "image"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class _Prompt:
     visual_mask: torch.Tensor
     image_grid_thw: torch.Tensor
     images: tuple[_Image, ...]
+    video_grid_thw: torch.Tensor = torch.zeros(0, 3, dtype=torch.long)
 
     @classmethod
     def one_image(cls, n_tokens: int) -> _Prompt:

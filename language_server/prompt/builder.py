@@ -29,38 +29,13 @@ from transformers import AutoConfig, AutoProcessor, Qwen3VLMoeConfig
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
 
-from language_server.prompt.container import probe
-from language_server.prompt.video import VideoPlan, VideoRules, plan_video
+from language_server.prompt.limits import PromptError, PromptLimits
+from language_server.prompt.video import VideoPlan, VideoRules, plan_source, video_key
 from protocol.chat import VideoSource, to_messages
 from protocol.messages import ChatTurn
 
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that transpose width and height
 MAX_ASPECT = 200  # the image processor's own bound (smart_resize)
-
-
-class PromptError(ValueError):
-    """A prompt the server will not run: ``status`` 400 (malformed) or 413 (too large)."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-@dataclass(frozen=True)
-class PromptLimits:
-    max_prompt_tokens: int = 32768
-    max_images: int = 16
-    max_image_pixels: int = 64 * 1024 * 1024  # width * height of one image, from its header
-    max_image_tokens: int = 16384  # visual tokens of one image (or video)
-    max_video_frames: int = 65536  # frames in one video's container
-    max_video_seconds: float = 4 * 3600.0  # one video's duration (frames / rate)
-
-    def __post_init__(self) -> None:
-        sizes = (self.max_prompt_tokens, self.max_images, self.max_image_pixels,
-                 self.max_image_tokens, self.max_video_frames, self.max_video_seconds)  # fmt: skip
-        if min(sizes) <= 0:
-            raise ValueError(f"prompt limits must be positive, got {self}")
 
 
 @dataclass(frozen=True)
@@ -209,52 +184,10 @@ class PromptBuilder:
 
     def _video(self, video: VideoSource, k: int) -> ImageSpec:
         """A video's spec from its container's metadata, or from its frames' headers."""
-        rules = self.video_rules
-        if video.max_frames is not None:
-            rules = replace(rules, max_frames=min(rules.max_frames, video.max_frames))
-        try:
-            if video.frames:
-                if len(video.frames) > rules.max_frames:
-                    raise PromptError(f"video {k} has {len(video.frames)} frames, at most "
-                                      f"{rules.max_frames}")  # fmt: skip
-                sizes = {_header_size(f, k) for f in video.frames}
-                if len(sizes) != 1:
-                    raise PromptError(f"the frames of video {k} differ in size: {sorted(sizes)}")
-                ((width, height),) = sizes
-                n = len(video.frames)
-                self._check_frame_size(width, height, k)
-                plan = plan_video(rules, n, video.fps or rules.fps, height, width, num_frames=n)
-            else:
-                plan = self._container_plan(video, rules, k)
-        except ValueError as exc:
-            if isinstance(exc, PromptError):
-                raise
-            raise PromptError(f"video {k}: {exc}") from None
-        if plan.n_tokens > self.limits.max_image_tokens:
-            raise PromptError(f"video {k} needs {plan.n_tokens} visual tokens, the limit is "
-                              f"{self.limits.max_image_tokens}", 413)  # fmt: skip
+        plan = plan_source(video, self.video_rules, self.limits, k, _header_size)
         return ImageSpec(data=video.data, grid=plan.grid, n_tokens=plan.n_tokens, offset=0,
                          content_key=video_key(self.key_salt, video, plan), kind="video",
                          frames=plan.frame_indices, frame_data=video.frames, plan=plan)  # fmt: skip
-
-    def _container_plan(self, video: VideoSource, rules: VideoRules, k: int) -> VideoPlan:
-        meta = probe(video.data, self.limits.max_video_frames)
-        if meta.total_frames > self.limits.max_video_frames:
-            raise PromptError(f"video {k} has {meta.total_frames} frames, the limit is "
-                              f"{self.limits.max_video_frames}", 413)  # fmt: skip
-        if meta.seconds > self.limits.max_video_seconds:
-            raise PromptError(f"video {k} lasts {meta.seconds:.0f} s, the limit is "
-                              f"{self.limits.max_video_seconds:.0f} s", 413)  # fmt: skip
-        self._check_frame_size(meta.width, meta.height, k)
-        return plan_video(rules, meta.total_frames, meta.fps, meta.height, meta.width,
-                          fps=video.fps)  # fmt: skip
-
-    def _check_frame_size(self, width: int, height: int, k: int) -> None:
-        if width < 1 or height < 1:
-            raise PromptError(f"video {k} has zero size ({width}x{height})")
-        if width * height > self.limits.max_image_pixels:
-            raise PromptError(f"video {k} has {width * height} pixels a frame, the limit is "
-                              f"{self.limits.max_image_pixels}", 413)  # fmt: skip
 
     def _grid(self, data: bytes, k: int) -> tuple[tuple[int, int, int], int]:
         """(grid, visual tokens) of image ``k`` from its header, by the image processor's rule."""
@@ -382,15 +315,6 @@ def image_key(salt: bytes, data: bytes) -> bytes:
     this server received them. The whole 32-byte digest is the key (issue 18)."""
     h = hashlib.sha256(salt)
     h.update(data)
-    return h.digest()
-
-
-def video_key(salt: bytes, video: VideoSource, plan: VideoPlan) -> bytes:
-    """A video's content key: its bytes (or each of its frames') and the frames sampled."""
-    h = hashlib.sha256(salt + b"video" + json.dumps(plan.frame_indices).encode())
-    h.update(video.data)
-    for frame in video.frames:
-        h.update(len(frame).to_bytes(8, "little") + frame)
     return h.digest()
 
 

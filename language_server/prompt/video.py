@@ -8,16 +8,25 @@ The rules are the checkpoint's video processor's (``Qwen3VLVideoProcessor`` in t
 half to even); the frames resized together so their total pixels fall in the size budget (the
 resize rounds to ``patch * merge``); an odd count repeats its last frame; one temporal group of
 ``temporal_patch_size`` frames per ``<t seconds>`` timestamp and vision run.
-``tests/language_server/prompt/test_video.py`` checks all of it against transformers.
+``plan_source`` plans a request's ``VideoSource`` within the server's limits: from its
+container's metadata (``container.probe``), or from the headers of the frames a client sampled.
+``tests/language_server/prompt/test_video*.py`` check all of it against transformers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
+from language_server.prompt.container import probe
+from language_server.prompt.limits import PromptError, PromptLimits
+from protocol.chat import VideoSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,3 +132,64 @@ def video_text(plan: VideoPlan, start: str = "<|vision_start|>", pad: str = "<|v
     """What the processor puts where the chat template wrote one video pad token."""
     return "".join(f"<{t:.1f} seconds>{start}{pad * plan.tokens_per_group}{end}"
                    for t in plan.timestamps)  # fmt: skip
+
+
+def plan_source(video: VideoSource, rules: VideoRules, limits: PromptLimits, k: int,
+                frame_size: Callable[[bytes, int], tuple[int, int]]) -> VideoPlan:  # fmt: skip
+    """The plan of request video ``k``; ``frame_size(data, k)`` reads a frame image's (width,
+    height) from its header. PromptError (400 malformed, 413 over a limit) before any decode."""
+    if video.max_frames is not None:
+        rules = replace(rules, max_frames=min(rules.max_frames, video.max_frames))
+    try:
+        if not video.frames:
+            plan = _container_plan(video, rules, limits, k)
+        else:
+            if len(video.frames) > rules.max_frames:
+                raise PromptError(f"video {k} has {len(video.frames)} frames, at most "
+                                  f"{rules.max_frames}")  # fmt: skip
+            sizes = {frame_size(f, k) for f in video.frames}
+            if len(sizes) != 1:
+                raise PromptError(f"the frames of video {k} differ in size: {sorted(sizes)}")
+            ((width, height),) = sizes
+            _check_frame_size(width, height, limits, k)
+            n = len(video.frames)
+            plan = plan_video(rules, n, video.fps or rules.fps, height, width, num_frames=n)
+    except PromptError:
+        raise
+    except ValueError as exc:  # the processor's own rules (too few frames, aspect ratio)
+        raise PromptError(f"video {k}: {exc}") from None
+    if plan.n_tokens > limits.max_image_tokens:
+        raise PromptError(f"video {k} needs {plan.n_tokens} visual tokens, the limit is "
+                          f"{limits.max_image_tokens}", 413)  # fmt: skip
+    return plan
+
+
+def _container_plan(video: VideoSource, rules: VideoRules, limits: PromptLimits,
+                    k: int) -> VideoPlan:  # fmt: skip
+    meta = probe(video.data, limits.max_video_frames)
+    if meta.total_frames > limits.max_video_frames:
+        raise PromptError(f"video {k} has {meta.total_frames} frames, the limit is "
+                          f"{limits.max_video_frames}", 413)  # fmt: skip
+    if meta.seconds > limits.max_video_seconds:
+        raise PromptError(f"video {k} lasts {meta.seconds:.0f} s, the limit is "
+                          f"{limits.max_video_seconds:.0f} s", 413)  # fmt: skip
+    _check_frame_size(meta.width, meta.height, limits, k)
+    return plan_video(rules, meta.total_frames, meta.fps, meta.height, meta.width,
+                      fps=video.fps)  # fmt: skip
+
+
+def _check_frame_size(width: int, height: int, limits: PromptLimits, k: int) -> None:
+    if width < 1 or height < 1:
+        raise PromptError(f"video {k} has zero size ({width}x{height})")
+    if width * height > limits.max_image_pixels:
+        raise PromptError(f"video {k} has {width * height} pixels a frame, the limit is "
+                          f"{limits.max_image_pixels}", 413)  # fmt: skip
+
+
+def video_key(salt: bytes, video: VideoSource, plan: VideoPlan) -> bytes:
+    """A video's content key: its bytes (or each of its frames') and the frames sampled."""
+    h = hashlib.sha256(salt + b"video" + json.dumps(plan.frame_indices).encode())
+    h.update(video.data)
+    for frame in video.frames:
+        h.update(len(frame).to_bytes(8, "little") + frame)
+    return h.digest()
