@@ -89,6 +89,8 @@ class Bench:
         self.sock.connect(control)
         self.bulk = ctx.socket(zmq.PAIR)
         self.bulk.connect(bulk)
+        for sock in (self.sock, self.bulk):  # a dead peer fails the run instead of hanging it
+            sock.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
         self._tracker: zmq.MessageTracker | None = None
         self.senders = {name: make_sender(name) for name in OURS}
         self.transfers = {name: self._transfers(name) for name in OURS}
@@ -383,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                     for row in measure(bench, hidden, n, args.backends, budget, args.max_reps):
                         rows.append(row)
                         bar.update()
+    except zmq.Again:
+        raise RuntimeError(
+            f"the peer process did not answer within {TIMEOUT_S:.0f} s (exit "
+            f"code {peer.exitcode}; its traceback is above)"
+        ) from None
     finally:
         bench.close()
         peer.join(10)

@@ -50,10 +50,6 @@ class VideoSource:
     fps: float | None = None
     max_frames: int | None = None
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.data) + sum(map(len, self.frames))
-
 
 @dataclass(frozen=True)
 class ImageSourcePolicy:

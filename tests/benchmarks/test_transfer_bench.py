@@ -86,3 +86,15 @@ def test_fixed_cost_verdict_is_the_median_against_0_3_ms():
     assert lines[1].endswith("(target median <= 0.3 ms) PASS")
     assert lines[2].endswith("FAIL") and lines[3].endswith("(informational)")
     assert report.ratios(rows) == [] and "| 2048 |" not in report.table(rows, ["mooncake"])
+
+
+def test_a_dead_peer_fails_the_run_instead_of_hanging_it(monkeypatch):
+    """The peer process dies at start (``os.abort`` takes no arguments: a TypeError there);
+    the bench's next read gives up after its timeout with the peer's exit code."""
+    import os
+
+    monkeypatch.setattr("benchmarks.transfer._peer_main", os.abort)
+    monkeypatch.setattr("benchmarks.transfer.TIMEOUT_S", 3.0)
+    with pytest.raises(RuntimeError, match=r"did not answer within 3 s \(exit code 1"):
+        main(["--hidden", "64", "--tokens", "16", "--backends", "shm", "--max-reps", "3",
+              "--fixed-reps", "0"])  # fmt: skip
