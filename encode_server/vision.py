@@ -109,9 +109,7 @@ class VisionEncoder:
         """Encoded bytes -> patches. CPU only, no weights; ValueError on bad input."""
         image = decode_image(data, self.limits)
         batch = self.image_processor(images=[image], return_tensors="pt")
-        grid = tuple(int(x) for x in batch["image_grid_thw"][0])
-        n_tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
-        return PreprocessedImage(batch["pixel_values"], grid, n_tokens)  # type: ignore[arg-type]
+        return self._patches(batch["pixel_values"], batch["image_grid_thw"][0])
 
     def preprocess(self, data: bytes, frames: Sequence[int] = (),
                    frame_data: Sequence[bytes] = ()) -> PreprocessedImage:  # fmt: skip
@@ -141,9 +139,13 @@ class VisionEncoder:
                                          return_tensors="pt")  # fmt: skip
         except (ValueError, TypeError) as exc:  # e.g. fewer frames than a temporal patch
             raise ValueError(f"cannot preprocess the video: {exc}") from None
-        grid = tuple(int(x) for x in batch["video_grid_thw"][0])
+        return self._patches(batch["pixel_values_videos"], batch["video_grid_thw"][0])
+
+    def _patches(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> PreprocessedImage:
+        """A processor's output for one image or video: its rows are t*h*w // merge**2."""
+        grid = tuple(int(x) for x in grid_thw)
         n_tokens = grid[0] * grid[1] * grid[2] // self.merge_size**2
-        return PreprocessedImage(batch["pixel_values_videos"], grid, n_tokens)  # type: ignore[arg-type]
+        return PreprocessedImage(pixel_values, grid, n_tokens)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def run_vision(

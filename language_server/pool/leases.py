@@ -51,7 +51,6 @@ class ReceivedPrompt:
     video_grid_thw: torch.Tensor | None = None  # [n_videos, 3]
     kinds: tuple[str, ...] = ()  # each visual item's kind ("image" / "video"), prompt order
     item_rows: tuple[int, ...] = ()  # each visual item's rows, prompt order
-    item_runs: tuple[list[tuple[int, int]], ...] = ()  # ``pool_runs`` of each visual item
 
 
 class LeaseState(enum.Enum):

@@ -69,18 +69,17 @@ class Lifetimes:
         last = max(req.leases, key=lambda x: _total(x.timings))
         if not self.local:
             self.handed[req.rid] = req
-            item_runs = tuple(self.buffers.block_rows(x.blocks or [], x.n_tokens)
-                              for x in req.leases)  # fmt: skip
+            runs = [
+                r for x in req.leases for r in self.buffers.block_rows(x.blocks or [], x.n_tokens)
+            ]
             ready = ReceivedPrompt(
                 input_ids=prompt.input_ids, positions=prompt.positions,
                 visual_mask=prompt.visual_mask, embeds=None, deepstack=None,
                 image_grid_thw=prompt.image_grid_thw, timings=last.timings or P.EncodeTimings(),
-                pool_runs=[r for runs in item_runs for r in runs],
-                n_visual=sum(x.n_tokens for x in req.leases),
+                pool_runs=runs, n_visual=sum(x.n_tokens for x in req.leases),
                 release=lambda: self.release(req), cached_images=n_cached, cached_tokens=cached_tokens,
                 content_keys=keys, encoder_cached_images=from_encoder_cache,
-                video_grid_thw=prompt.video_grid_thw, kinds=kinds, item_runs=item_runs,
-                item_rows=rows,
+                video_grid_thw=prompt.video_grid_thw, kinds=kinds, item_rows=rows,
             )  # fmt: skip
             req.on_ready(ready, None)  # the engine calls ``release`` once done with the rows
             return

@@ -4,17 +4,15 @@ a clear 4xx while the server keeps serving and every block comes back."""
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from epd.cluster import LocalCluster
-from tests.conftest import decoded_frames, video_bytes
-from tests.e2e.conftest import data_url
+from tests.conftest import video_bytes
+from tests.e2e.conftest import data_url, media_prompt, transformers_inputs, video_url
 from tests.encode_server.test_videos import _audio_file
 
 pytestmark = pytest.mark.slow
@@ -51,49 +49,13 @@ def cluster(request, tiny_model_dir, tmp_path_factory):
         yield c
 
 
-def _video_url(data: bytes) -> str:
-    return "data:video/mp4;base64," + base64.b64encode(data).decode()
-
-
-def _prompt(spec, make_image):
-    """(OpenAI content for the server, transformers' content, its videos and their metadata)."""
-    ours, theirs, videos, metadata = [], [], [], []
-    for k, item in enumerate(spec):
-        if item[0] == "image":
-            image = make_image(item[1], item[2], item[3])
-            ours.append({"type": "image_url", "image_url": {"url": data_url(image)}})
-            theirs.append({"type": "image", "image": image})
-        elif item[0] == "video":
-            _, n, h, w, fps, seed = item
-            data = video_bytes(n, h, w, fps=fps, seed=seed)
-            ours.append({"type": "video_url", "video_url": {"url": _video_url(data)}})
-            theirs.append({"type": "video"})
-            videos.append(decoded_frames(data))
-            metadata.append({"total_num_frames": n, "fps": fps})
-        else:
-            _, n, h, w, seed = item
-            frames = [make_image(h, w, seed + j) for j in range(n)]
-            ours.append({"type": "video", "video": [data_url(f) for f in frames], "fps": 2})
-            theirs.append({"type": "video"})
-            videos.append(np.stack([np.asarray(f) for f in frames]))
-            metadata.append({"total_num_frames": n, "fps": 2, "frames_indices": list(range(n))})
-        ours.append({"type": "text", "text": f"clip {k}."})
-        theirs.append({"type": "text", "text": f"clip {k}."})
-    ask = {"type": "text", "text": "What happens?"}
-    return [*ours, ask], [*theirs, ask], videos, metadata
-
-
 def _monolithic(monolithic, theirs, videos, metadata, client_frames=False):
     """transformers' greedy tokens and the frames its processor sampled."""
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(monolithic.name_or_path)
-    text = processor.apply_chat_template([{"role": "user", "content": theirs}], tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
-    images = [p["image"] for p in theirs if p["type"] == "image"]
-    inputs = processor(text=[text], images=images or None, videos=videos, video_metadata=metadata,
-                       return_metadata=True, return_tensors="pt",
-                       **({"do_sample_frames": False} if client_frames else {}))  # fmt: skip
+    inputs = transformers_inputs(processor, theirs, videos, metadata, return_metadata=True,
+                                 **({"do_sample_frames": False} if client_frames else {}))  # fmt: skip
     sampled = [[int(i) for i in m.frames_indices] for m in inputs.pop("video_metadata")]
     with torch.no_grad():
         out = monolithic.generate(**inputs, max_new_tokens=N_TOKENS, min_new_tokens=N_TOKENS,
@@ -121,7 +83,7 @@ def _wait_blocks_back(cluster, timeout_s: float = 30.0) -> None:
 
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_served_video_tokens_equal_monolithic(name, cluster, monolithic, make_image):
-    ours, theirs, videos, metadata = _prompt(PROMPTS[name], make_image)
+    ours, theirs, videos, metadata = media_prompt(PROMPTS[name], make_image)
     status, reply = cluster.chat(_body(ours))
     assert status == 200, reply
     expected, sampled = _monolithic(monolithic, theirs, videos, metadata, name == "client_frames")
@@ -164,9 +126,9 @@ HOSTILE = {
 
 
 def test_hostile_videos_get_a_clear_4xx_and_the_server_keeps_serving(cluster, make_image):
-    good, _, _, _ = _prompt(PROMPTS["one_video"], make_image)
+    good, _, _, _ = media_prompt(PROMPTS["one_video"], make_image)
     for name, (make, status, words) in HOSTILE.items():
-        content = [{"type": "video_url", "video_url": {"url": _video_url(make())}},
+        content = [{"type": "video_url", "video_url": {"url": video_url(make())}},
                    {"type": "text", "text": "What happens?"}]  # fmt: skip
         got, reply = cluster.chat(_body(content))
         assert got == status, (name, reply)

@@ -9,15 +9,13 @@ every prompt position within 1e-4 (max abs), 16 greedy tokens identical.
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 import torch
 
 from epd.local import generate_encoded, prefill_logits
 from language_server.engines.base import SamplingParams
-from tests.conftest import decoded_frames, video_bytes
-from tests.parity.test_parity import ATOL, N_TOKENS, _data_url
+from tests.e2e.conftest import media_prompt, transformers_inputs
+from tests.parity.test_parity import ATOL, N_TOKENS
 
 # name -> items in prompt order: ("image", h, w, seed) or ("video", frames, h, w, fps, seed)
 PROMPTS = {
@@ -28,25 +26,9 @@ PROMPTS = {
 
 
 def _messages(spec, make_image):
-    ours, theirs, videos, metadata = [], [], [], []
-    for k, item in enumerate(spec):
-        if item[0] == "image":
-            image = make_image(item[1], item[2], item[3])
-            ours.append({"type": "image_url", "image_url": {"url": _data_url(image)}})
-            theirs.append({"type": "image", "image": image})
-        else:
-            _, n, h, w, fps, seed = item
-            data = video_bytes(n, h, w, fps=fps, seed=seed)
-            url = "data:video/mp4;base64," + base64.b64encode(data).decode()
-            ours.append({"type": "video_url", "video_url": {"url": url}})
-            theirs.append({"type": "video"})
-            videos.append(decoded_frames(data))
-            metadata.append({"total_num_frames": n, "fps": fps})
-        text = {"type": "text", "text": f"clip {k}."}
-        ours.append(text)
-        theirs.append(text)
-    ask = {"type": "text", "text": "What happens?"}
-    return [{"role": "user", "content": [*ours, ask]}], [*theirs, ask], videos, metadata
+    """(messages for our split pipeline, transformers' content, videos, metadata)."""
+    ours, theirs, videos, metadata = media_prompt(spec, make_image)
+    return [{"role": "user", "content": ours}], theirs, videos, metadata
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +36,8 @@ def cases(pipeline, make_image):
     """name -> (EncodedPrompt from ONE ViT forward over every image and video, HF inputs)."""
     built = {name: _messages(spec, make_image) for name, spec in PROMPTS.items()}
     encoded = pipeline.encode_batch([ours for ours, *_ in built.values()])
-    processor = pipeline.processor
-    out = {}
-    for (name, (_, theirs, videos, metadata)), enc in zip(built.items(), encoded, strict=True):
-        text = processor.apply_chat_template([{"role": "user", "content": theirs}],
-                                             tokenize=False, add_generation_prompt=True)  # fmt: skip
-        images = [p["image"] for p in theirs if p["type"] == "image"]
-        inputs = processor(text=[text], images=images or None, videos=videos,
-                           video_metadata=metadata, return_tensors="pt")  # fmt: skip
-        out[name] = (enc, inputs)
-    return out
+    return {name: (enc, transformers_inputs(pipeline.processor, *rest))
+            for (name, (_, *rest)), enc in zip(built.items(), encoded, strict=True)}  # fmt: skip
 
 
 @pytest.mark.slow

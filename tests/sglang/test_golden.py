@@ -166,18 +166,14 @@ def test_greedy_tokens_and_first_top5_equal_monolithic(name, sglang_engine, case
 @pytest.fixture(scope="module")
 def video_cases(pipeline, monolithic, make_image):
     """Issue 19's prompts (tests/parity/test_parity_video.py) with transformers' answers."""
+    from tests.e2e.conftest import transformers_inputs
     from tests.parity.test_parity_video import PROMPTS as VIDEOS
     from tests.parity.test_parity_video import _messages as video_messages
 
     out = {}
     for name, spec in VIDEOS.items():
-        ours, theirs, videos, metadata = video_messages(spec, make_image)
-        processor = pipeline.processor
-        text = processor.apply_chat_template([{"role": "user", "content": theirs}],
-                                             tokenize=False, add_generation_prompt=True)  # fmt: skip
-        images = [p["image"] for p in theirs if p["type"] == "image"]
-        inputs = processor(text=[text], images=images or None, videos=videos,
-                           video_metadata=metadata, return_tensors="pt")  # fmt: skip
+        ours, *theirs = video_messages(spec, make_image)
+        inputs = transformers_inputs(pipeline.processor, *theirs)
         out[name] = (pipeline.encode(ours), *_answer(monolithic, inputs))
     return out
 

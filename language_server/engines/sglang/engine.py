@@ -34,6 +34,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
+import itertools
 import logging
 import os
 import secrets
@@ -120,12 +121,16 @@ class SGLangEngine(EngineBase):
     def job_for_image(self, prompt: ReceivedPrompt, params: SamplingParams, emit: Emit) -> GenJob:
         positions = prompt.positions
         delta = int(positions.max()) + 1 - positions.shape[1]
-        kinds = prompt.kinds or ("image",) * len(prompt.image_grid_thw)
-        release = None
+        kinds = prompt.kinds or ("image",)  # not told: its rows are images, taken as one item
+        release, both = None, None
         if prompt.pool_runs is not None:
             release = _once_on(asyncio.get_running_loop(), prompt.release)
         elif prompt.embeds is None or prompt.deepstack is None:
             raise RuntimeError("a received prompt has neither rows nor a pool descriptor")
+        else:
+            # The pool is in this process: its two views -> SGLang's [n, 4H] layout, the rows'
+            # first copy (SGLang then copies them to /dev/shm and into the model's inputs).
+            both = torch.cat([prompt.embeds, prompt.deepstack], dim=1)
         # One SGLang item per modality (images, videos), each with its grids and its rows in
         # prompt order; SGLang finds each item's positions by its pad token.
         items: dict[str, list[dict[str, Any]]] = {}
@@ -133,6 +138,7 @@ class SGLangEngine(EngineBase):
             picked = [i for i, k in enumerate(kinds) if k == kind]
             if not picked:
                 continue
+            ranges = _row_ranges(prompt, picked)
             item: dict[str, Any] = {
                 "format": "processor_output",
                 "modality": kind.upper(),  # else SGLang drops the unknown keys below
@@ -149,15 +155,13 @@ class SGLangEngine(EngineBase):
                 # The rows stay in the pool (in SGLang's scheduler process); the model copies
                 # them from there into its inputs. Plain values only: this crosses SGLang's
                 # msgpack.
-                runs = [[int(r), int(n)] for i in picked for r, n in _item_runs(prompt, i)]
+                runs = [[int(r), int(n)] for r, n in _runs_of(prompt.pool_runs, ranges)]
                 item["epd_pool"] = {"v": 1, "rows": sum(n for _, n in runs), "runs": runs}
             else:
-                # The pool is in this process: its two views -> SGLang's single [n, 4H] tensor,
-                # the rows' first copy (SGLang then copies them to /dev/shm and into the inputs).
-                item["precomputed_embeddings"] = torch.cat(
-                    [_item_tensor(prompt, picked, full) for full in (prompt.embeds, prompt.deepstack)],
-                    dim=1,
-                )  # fmt: skip
+                assert both is not None
+                item["precomputed_embeddings"] = (
+                    both if len(kinds) == len(picked) else torch.cat([both[a:b] for a, b in ranges])
+                )
             items[kind] = [item]
         request = SGLangRequest(_rid(), prompt.input_ids.tolist(), sampling_params(params),
                                 image_data=items.get("image"), video_data=items.get("video"),
@@ -287,21 +291,25 @@ class SGLangEngine(EngineBase):
             log.debug("abort of %s failed", request.rid, exc_info=True)
 
 
-def _item_runs(prompt: ReceivedPrompt, i: int) -> list[tuple[int, int]]:
-    """Pool runs of visual item ``i`` (all of them when the prompt does not split them)."""
-    if prompt.item_runs:
-        return prompt.item_runs[i]
-    assert prompt.pool_runs is not None and len(set(prompt.kinds)) <= 1
-    return prompt.pool_runs if i == 0 else []  # not split by item: all runs, once
+def _row_ranges(prompt: ReceivedPrompt, picked: list[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` of visual items ``picked`` among the prompt's rows (prompt order); a
+    prompt that does not say its items' rows is one item."""
+    sizes = prompt.item_rows or (int(prompt.visual_mask.sum()),)
+    starts = list(itertools.accumulate(sizes, initial=0))
+    return [(starts[i], starts[i + 1]) for i in picked]
 
 
-def _item_tensor(prompt: ReceivedPrompt, picked: list[int], rows: Any) -> torch.Tensor:
-    """Rows of the visual items ``picked`` out of the prompt's rows ``rows`` (prompt order)."""
-    if not prompt.item_rows:  # not split by item: one modality, all of them
-        return rows
-    sizes = prompt.item_rows
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return torch.cat([rows[starts[i] : starts[i] + sizes[i]] for i in picked])
+def _runs_of(runs: list[tuple[int, int]], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of pool ``runs`` ((pool_row, rows), holding the prompt's rows in order) that
+    hold prompt rows ``ranges`` (sorted ``[start, end)``), in prompt order."""
+    out, row = [], 0
+    for pool_row, n in runs:
+        for lo, hi in ranges:
+            a, b = max(lo, row), min(hi, row + n)
+            if a < b:
+                out.append((pool_row + a - row, b - a))
+        row += n
+    return out
 
 
 def _once_on(loop: asyncio.AbstractEventLoop, fn: Callable[[], None] | None) -> Callable[[], None]:
